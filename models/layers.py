@@ -1,0 +1,166 @@
+"""Building blocks shared by the architectures.
+
+Besides the quantized layers, this module holds the small pieces a *decoupled* network is made of
+(shared/method.md §3): ``Replicate`` (copy-major ``[z; z]``), ``DecoupledBatchNorm2d`` (a BN over the
+two copies, which remembers the +-1/4 shift that decoupling applies to its beta), ``MeanOfCopies`` and
+``ZeroPadChannels`` for ResNet shortcuts. A decoupled skeleton therefore *describes* how every
+coupled parameter maps onto it, and ``decouple`` is one generic walk over matching module names.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import DEFAULT_SWISHSIGN_BETA, STE, binarize_weight, quantize_activation
+
+#: Copies per coupled channel after decoupling: T(y) = 1/2 [B(y - 1/4) + B(y + 1/4)].
+COPIES = 2
+#: Shift of beta for the two copies of a BN that feeds a ternary activation.
+DECOUPLE_SHIFT = 0.25
+
+
+class ActQuant(nn.Module):
+    """Unsigned activation quantizer with ``levels`` steps; ``levels=None`` is full precision.
+
+    Full precision here means ``clip(y, 0, 1)``: the limit of the staircase as levels grow, so the
+    gradient-mismatch study compares activation types on one architecture.
+    """
+
+    def __init__(self, levels: int | None, ste: STE | str = STE.CLIPPED_IDENTITY,
+                 beta: float = DEFAULT_SWISHSIGN_BETA):
+        super().__init__()
+        self.levels = levels
+        self.ste = STE(ste)
+        self.beta = float(beta)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.levels is None:
+            return F.hardtanh(y, 0.0, 1.0)
+        return quantize_activation(y, self.levels, self.ste, self.beta)
+
+    def extra_repr(self) -> str:
+        kind = "fp" if self.levels is None else f"levels={self.levels}"
+        return f"{kind}, ste={self.ste.value}" + (
+            f", beta={self.beta}" if self.ste is STE.SWISHSIGN else "")
+
+
+class QConv2d(nn.Conv2d):
+    """Convolution with optionally binarized weights (alpha * sign(W), alpha = mean|W|).
+
+    ``input_copies`` is decoupling metadata: 2 when this conv reads a decoupled (replicated,
+    binary) activation, in which case decoupling duplicates the coupled weights along the input
+    axis and halves them. ``latent_clip`` bounds the latent weights (applied by the trainer to the
+    fp32 master weights after each step, or by ``clip_latent_weights_``); off by default.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, *, weight_bits: int = 1, per_channel_scale: bool = False,
+                 latent_clip: float | None = None, input_copies: int = 1):
+        if weight_bits not in (1, 32):
+            raise ValueError(f"weight_bits must be 1 or 32, got {weight_bits!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.weight_bits = weight_bits
+        self.per_channel_scale = per_channel_scale
+        self.latent_clip = latent_clip
+        self.input_copies = input_copies
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.weight_bits == 1:
+            return binarize_weight(self.weight, self.per_channel_scale)
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), None)
+
+    def extra_repr(self) -> str:
+        extra = f", weight_bits={self.weight_bits}"
+        if self.weight_bits == 1 and self.per_channel_scale:
+            extra += ", per_channel_scale=True"
+        if self.latent_clip is not None:
+            extra += f", latent_clip={self.latent_clip}"
+        if self.input_copies != 1:
+            extra += f", input_copies={self.input_copies}"
+        return super().extra_repr() + extra
+
+
+class Replicate(nn.Module):
+    """Copy-major channel replication: ``[z; z]`` (cat on dim 1)."""
+
+    def __init__(self, copies: int = COPIES):
+        super().__init__()
+        self.copies = copies
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([z] * self.copies, dim=1)
+
+    def extra_repr(self) -> str:
+        return f"copies={self.copies}"
+
+
+class MeanOfCopies(nn.Module):
+    """Inverse of ``Replicate`` for a shifted pair: mean([s - 1/4; s + 1/4]) = s."""
+
+    def __init__(self, copies: int = COPIES):
+        super().__init__()
+        self.copies = copies
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(1, (self.copies, -1)).mean(dim=1)
+
+    def extra_repr(self) -> str:
+        return f"copies={self.copies}"
+
+
+class ZeroPadChannels(nn.Module):
+    """Zero-pads the channel axis up to ``out_channels`` (the last ResNet block, 360 -> 512)."""
+
+    def __init__(self, out_channels: int):
+        super().__init__()
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        missing = self.out_channels - x.shape[1]
+        return F.pad(x, (0, 0, 0, 0, 0, missing))
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.out_channels}"
+
+
+class DecoupledBatchNorm2d(nn.BatchNorm2d):
+    """BN over ``copies`` copies of C channels (2C features) in a decoupled network.
+
+    ``shift`` is what decoupling adds to beta: copy i of the coupled beta gets
+    ``(i - (copies - 1) / 2) * 2 * shift``, i.e. ``[beta - 1/4; beta + 1/4]`` for shift 1/4, and
+    ``[beta; beta]`` for shift 0 (a branch-final BN added to an identity shortcut).
+    """
+
+    def __init__(self, num_features: int, *, copies: int = COPIES, shift: float = DECOUPLE_SHIFT):
+        if num_features % copies:
+            raise ValueError(f"{num_features} features do not split into {copies} copies")
+        super().__init__(num_features)
+        self.copies = copies
+        self.shift = shift
+
+    def copy_offsets(self) -> list[float]:
+        centre = (self.copies - 1) / 2
+        return [(i - centre) * 2 * self.shift for i in range(self.copies)]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", copies={self.copies}, shift={self.shift}"
+
+
+def latent_clipped_parameters(model: nn.Module) -> Iterator[tuple[nn.Parameter, float]]:
+    """(latent weight, bound) for every quantized conv that asks for latent clipping."""
+    for module in model.modules():
+        if isinstance(module, QConv2d) and module.latent_clip is not None:
+            yield module.weight, module.latent_clip
+
+
+@torch.no_grad()
+def clip_latent_weights_(model: nn.Module) -> None:
+    """Clamps latent weights in place (outside DeepSpeed; under it, clamp the fp32 masters)."""
+    for weight, bound in latent_clipped_parameters(model):
+        weight.clamp_(-bound, bound)

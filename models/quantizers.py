@@ -1,0 +1,150 @@
+"""Activation and weight quantizers of BinaryDuo (shared/method.md §1).
+
+Activations are *unsigned*: ``a = floor(n * clip(y, 0, 1) + 0.5) / n`` with ``n`` levels above
+zero (n = 1 binary {0, 1}; n = 2 ternary {0, 1/2, 1}; n = 2^k - 1 for k bits). Ties round up.
+The straight-through estimator (STE) passes the gradient where 0 < y < 1 ("clipped identity");
+two alternative backward shapes used by the gradient-mismatch study are selectable.
+
+Weights are ``alpha * s(W)`` with ``s(w) = +1 if w >= 0 else -1`` and ``alpha = mean|W|`` over the
+whole tensor (one scalar per layer), recomputed every forward; the gradient goes straight to the
+latent ``W``.
+
+Both are ``torch.autograd.Function``s that save only what their backward needs: the clipped-identity
+activation saves a boolean mask (1 byte per element) rather than its float input, and the weight
+binarizer saves nothing.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+__all__ = [
+    "STE",
+    "quantize_activation",
+    "activation_ste_gradient",
+    "binarize_weight",
+    "weight_scale",
+    "levels_for_bits",
+]
+
+
+class STE(str, Enum):
+    """Backward shape of the activation quantizer (the forward is always the staircase)."""
+
+    #: d a / d y = 1 on 0 < y < 1, else 0 (BinaryDuo's and the authors' choice).
+    CLIPPED_IDENTITY = "clipped_identity"
+    #: Bi-Real Net's ApproxSign: a triangle of area 1/n centred on each threshold, peak 2,
+    #: base 1/n; for binary, 2 - 4|y - 1/2| on 0 < y < 1.
+    APPROXSIGN = "approxsign"
+    #: BNN+'s SwishSign derivative, beta * (2 - beta*x*tanh(beta*x/2)) / (1 + cosh(beta*x)),
+    #: centred on each threshold with x = 2n (y - t); not windowed (non-zero outside [0, 1]).
+    SWISHSIGN = "swishsign"
+
+
+#: BNN+ trains beta; 5 is the value its authors report as a good fixed choice.
+DEFAULT_SWISHSIGN_BETA = 5.0
+
+
+def _staircase(y: torch.Tensor, levels: int) -> torch.Tensor:
+    """``floor(levels * clip(y, 0, 1) + 0.5) / levels``, with exact thresholds.
+
+    For binary and ternary the thresholds (1/2; 1/4 and 3/4) are exact binary fractions, so the
+    staircase is computed by comparison: a value exactly on a threshold goes up, and a value one ulp
+    below stays down. (Evaluating ``floor(y + 0.5)`` literally in float32 rounds ``0.5 - 2**-25 + 0.5``
+    up to 1.0 and would fire one ulp early.) For k-bit levels the formula is evaluated in float64,
+    which is exact for float32/bfloat16/float16 inputs.
+    """
+    if levels == 1:
+        return (y >= 0.5).to(y.dtype)
+    if levels == 2:
+        return ((y >= 0.25).to(y.dtype) + (y >= 0.75).to(y.dtype)) * 0.5
+    wide = y.to(torch.float64)
+    return (torch.floor(wide.clamp(0.0, 1.0) * levels + 0.5) / levels).to(y.dtype)
+
+
+def _thresholds(levels: int, like: torch.Tensor) -> torch.Tensor:
+    return (torch.arange(levels, dtype=like.dtype, device=like.device) + 0.5) / levels
+
+
+def activation_ste_gradient(
+    y: torch.Tensor, levels: int, ste: STE, beta: float = DEFAULT_SWISHSIGN_BETA
+) -> torch.Tensor:
+    """d a / d y that the chosen STE assigns at ``y`` (a pure function, also used by the analysis)."""
+    ste = STE(ste)
+    if ste is STE.CLIPPED_IDENTITY:
+        return ((y > 0) & (y < 1)).to(y.dtype)
+    if ste is STE.APPROXSIGN:
+        # Distance to the nearest threshold, in units of the level spacing, is |frac(n y) - 1/2|.
+        frac = torch.frac(y * levels)
+        tri = 2.0 * (1.0 - 2.0 * (frac - 0.5).abs())
+        return torch.where((y > 0) & (y < 1), tri, torch.zeros_like(y))
+    # SwishSign: one bump per threshold; each step has height 1/n and x = 2n (y - t).
+    x = 2.0 * levels * (y.unsqueeze(-1) - _thresholds(levels, y))
+    bx = beta * x
+    bump = beta * (2.0 - bx * torch.tanh(bx / 2.0)) / (1.0 + torch.cosh(bx))
+    return bump.sum(dim=-1)
+
+
+class _ActivationQuantizer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, levels: int, ste: STE, beta: float):  # noqa: D102 (see quantize_activation)
+        ctx.levels, ctx.ste, ctx.beta = levels, ste, beta
+        if ste is STE.CLIPPED_IDENTITY:
+            ctx.save_for_backward((y > 0) & (y < 1))
+        else:
+            ctx.save_for_backward(y)
+        return _staircase(y, levels)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        (saved,) = ctx.saved_tensors
+        if ctx.ste is STE.CLIPPED_IDENTITY:
+            grad = grad_output.masked_fill(~saved, 0.0)
+        else:
+            grad = grad_output * activation_ste_gradient(saved, ctx.levels, ctx.ste, ctx.beta)
+        return grad, None, None, None
+
+
+def quantize_activation(
+    y: torch.Tensor,
+    levels: int,
+    ste: STE | str = STE.CLIPPED_IDENTITY,
+    beta: float = DEFAULT_SWISHSIGN_BETA,
+) -> torch.Tensor:
+    """Unsigned ``levels``-step activation quantizer with a straight-through backward."""
+    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+        raise ValueError(f"activation levels must be an integer >= 1, got {levels!r}")
+    return _ActivationQuantizer.apply(y, levels, STE(ste), float(beta))
+
+
+def weight_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """alpha = mean|W| over the whole tensor, or per output channel (dim 0) when ``per_channel``."""
+    if per_channel:
+        dims = tuple(range(1, weight.dim()))
+        return weight.abs().mean(dim=dims, keepdim=True)
+    return weight.abs().mean()
+
+
+class _WeightBinarizer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, per_channel: bool):  # noqa: D102 (see binarize_weight)
+        alpha = weight_scale(weight, per_channel)
+        return torch.where(weight >= 0, alpha, -alpha)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        # Straight through to the latent weight: no |W| <= 1 gate, no gradient through alpha.
+        return grad_output, None
+
+
+def binarize_weight(weight: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """``alpha * s(W)`` with s(0) = +1 and alpha = mean|W| (per layer, or per output channel)."""
+    return _WeightBinarizer.apply(weight, bool(per_channel))
+
+
+def levels_for_bits(bits: int) -> int:
+    """Number of non-zero levels of a k-bit unsigned quantizer: 2^k - 1."""
+    if not isinstance(bits, int) or bits < 1:
+        raise ValueError(f"activation bits must be an integer >= 1, got {bits!r}")
+    return 2**bits - 1

@@ -1,0 +1,38 @@
+"""binaryduo: distributed trainer for BinaryDuo binary-activation networks.
+
+The three code folders at the top level install as sub-packages of the ``binaryduo``
+namespace (never as generic top-level names such as ``models``).
+"""
+from setuptools import setup
+
+PACKAGE_DIRS = {
+    "binaryduo.models": "models",
+    "binaryduo.data": "data",
+    "binaryduo.trainer": "trainer",
+}
+
+# Pinned as measured in shared/stack.md: the only working torch/torchvision pair on the
+# local wheel mirror, the DALI build matching torch's CUDA 13, and mlflow 3.17.2
+# (3.18.0's mlflow-skinny is missing from the mirror and pip silently falls back).
+INSTALL_REQUIRES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "deepspeed==0.19.8",
+    "nvidia-dali-cuda130==2.4.0",
+    "mlflow==3.17.2",
+    "pyyaml>=6",
+    "pydantic>=2",
+    "tqdm>=4",
+]
+
+setup(
+    name="binaryduo",
+    version="0.1.0",
+    description="Distributed ImageNet trainer for BinaryDuo binary-activation networks",
+    python_requires=">=3.11,<3.12",
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["binaryduo = binaryduo.trainer.cli:main"]},
+)
