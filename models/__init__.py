@@ -10,7 +10,7 @@ Pure PyTorch; usable in a notebook with nothing but torch installed::
 """
 from . import alexnet, resnet, vgg7  # noqa: F401  (register the architectures)
 from .cost import CostReport, LayerCost, cost_report
-from .decouple import DecouplingCheck, check_decoupling, decouple
+from .decoupling import DecouplingCheck, check_decoupling, decouple
 from .layers import (ActQuant, DecoupledBatchNorm2d, MeanOfCopies, QConv2d, Replicate,
                      ZeroPadChannels, clip_latent_weights_, latent_clipped_parameters)
 from .quantizers import STE, activation_ste_gradient, binarize_weight, quantize_activation

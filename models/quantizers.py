@@ -53,7 +53,8 @@ def _staircase(y: torch.Tensor, levels: int) -> torch.Tensor:
     staircase is computed by comparison: a value exactly on a threshold goes up, and a value one ulp
     below stays down. (Evaluating ``floor(y + 0.5)`` literally in float32 rounds ``0.5 - 2**-25 + 0.5``
     up to 1.0 and would fire one ulp early.) For k-bit levels the formula is evaluated in float64,
-    which is exact for float32/bfloat16/float16 inputs.
+    which is exact for float32/bfloat16/float16 inputs (a float64 input within an ulp of a k-bit
+    threshold may land on either side).
     """
     if levels == 1:
         return (y >= 0.5).to(y.dtype)

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""binaryduo.trainer: recipe engine, training loop, tracking and the `binaryduo` CLI."""

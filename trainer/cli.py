@@ -1,1 +1,144 @@
-def main():\n    pass
+"""The one ``binaryduo`` command.
+
+Every failure the user can cause (unknown model, bad option, …) ends as a single
+``binaryduo: error: …`` line on stderr and exit status 2, before any compute is spent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from binaryduo import models
+
+from .model_report import cost_summary_table, decoupling_table, verify_decoupling
+
+EXIT_USAGE = 2
+EXIT_CHECK_FAILED = 1
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs; reported as one line, exit status 2."""
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` model options; values are read as YAML scalars (1, 0.5, true, null, text)."""
+    options = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {pair!r}: expected KEY=VALUE")
+        try:
+            options[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as error:
+            raise UsageError(f"--option {pair!r}: value is not a YAML scalar ({error})") from None
+    return options
+
+
+def _check_model_args(names: list[str], variants: list[str], options: dict) -> None:
+    """Resolves every requested config up front so bad input fails before any model is built."""
+    for name in names:
+        for variant in variants:
+            try:
+                models.registry.resolve_config(name, variant, **options)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    options = _parse_options(args.option)
+    if args.all:
+        if args.model:
+            raise UsageError("report: give a MODEL or --all, not both")
+        names, variants = models.names(), list(models.variants())
+        _check_model_args(names, variants, options)
+        if args.json:
+            reports = [models.cost_report(models.build(n, v, **options)).to_dict()
+                       for n in names for v in variants]
+            print(json.dumps(reports, indent=2))
+        else:
+            print(cost_summary_table(names, variants, options))
+        return 0
+    if not args.model:
+        raise UsageError("report: give a MODEL (one of " + ", ".join(models.names()) + ") or --all")
+    _check_model_args([args.model], [args.variant], options)
+    report = models.cost_report(models.build(args.model, args.variant, **options))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
+    return 0
+
+
+def cmd_analyze_decoupling(args: argparse.Namespace) -> int:
+    options = _parse_options(args.option)
+    names = args.models or models.names()
+    _check_model_args(names, ["coupled"], options)
+    if args.batch < 1:
+        raise UsageError(f"--batch {args.batch}: must be >= 1")
+    results = []
+    for name in names:
+        results.extend(verify_decoupling(name, seed=args.seed, batch_size=args.batch,
+                                         options=options))
+    if args.json:
+        print(json.dumps([{"model": r.model, "seconds": r.seconds, **r.check.to_dict()}
+                          for r in results], indent=2))
+    else:
+        print(decoupling_table(results, args.tolerance))
+    failed = [r for r in results if not r.check.passed(args.tolerance)]
+    if failed:
+        print(f"binaryduo: decoupling is not exact for "
+              f"{', '.join(sorted({r.model for r in failed}))} (float64 tolerance "
+              f"{args.tolerance:g})", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="binaryduo", description="BinaryDuo binary-activation networks: train, report, analyze.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    report = commands.add_parser(
+        "report", help="model size (Mbit) and FLOPs by the paper's counting rules",
+        description="Per-layer cost table of a registered model, or a summary of all of them.")
+    report.add_argument("model", nargs="?", help=f"one of: {', '.join(models.names())}")
+    report.add_argument("--variant", default="decoupled", choices=models.variants())
+    report.add_argument("--all", action="store_true", help="summary of every model x variant")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+    report.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="model option, e.g. width_mult=0.5 or weight_bits=32 (repeatable)")
+    report.set_defaults(handler=cmd_report)
+
+    analyze = commands.add_parser("analyze", help="analyses of models")
+    analyses = analyze.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    decoupling = analyses.add_parser(
+        "decoupling", help="verify coupled -> decoupled exactness on random BN state",
+        description="Builds each coupled model with random BN statistics, decouples it and "
+                    "compares logits in float64 (must be exact) and float32 (flips counted).")
+    decoupling.add_argument("models", nargs="*", metavar="MODEL",
+                            help=f"default: all of {', '.join(models.names())}")
+    decoupling.add_argument("--batch", type=int, default=4, help="images in the random batch")
+    decoupling.add_argument("--seed", type=int, default=0)
+    decoupling.add_argument("--tolerance", type=float, default=1e-9,
+                            help="largest float64 |dlogit| accepted")
+    decoupling.add_argument("--json", action="store_true")
+    decoupling.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE")
+    decoupling.set_defaults(handler=cmd_analyze_decoupling)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        print(f"binaryduo: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

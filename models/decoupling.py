@@ -190,6 +190,7 @@ def check_decoupling(coupled: nn.Module, decoupled: nn.Module, batch: torch.Tens
     train = mode == "train"
     wide_coupled = copy.deepcopy(coupled).to(torch.float64)
     wide_reference = decouple(wide_coupled)
+    deviation = _parameter_deviation(wide_reference, decoupled)  # also rejects foreign shapes
     wide_c, _ = _run(wide_coupled, batch, torch.float64, train)
     wide_d, _ = _run(wide_reference, batch, torch.float64, train)
     native = next(coupled.parameters()).dtype
@@ -208,7 +209,7 @@ def check_decoupling(coupled: nn.Module, decoupled: nn.Module, batch: torch.Tens
         samples=int(batch.shape[0]),
         max_abs_dlogit=float((wide_c - wide_d).abs().max()),
         changed_predictions=int((wide_c.argmax(1) != wide_d.argmax(1)).sum()),
-        parameter_deviation=_parameter_deviation(wide_reference, decoupled),
+        parameter_deviation=deviation,
         native_dtype=str(native).removeprefix("torch."),
         native_max_abs_dlogit=float((native_c - native_d).abs().max()),
         native_changed_predictions=int((native_c.argmax(1) != native_d.argmax(1)).sum()),
