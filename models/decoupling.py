@@ -153,9 +153,10 @@ def _run(model: nn.Module, batch: torch.Tensor, dtype: torch.dtype, train: bool)
         lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
         for name, module in clone.named_modules()
         if isinstance(module, ActQuant) and module.levels is not None]
+    device = next(clone.parameters()).device
     try:
         with torch.no_grad():
-            logits = clone(batch.to(dtype))
+            logits = clone(batch.to(device=device, dtype=dtype))
     finally:
         for hook in hooks:
             hook.remove()
