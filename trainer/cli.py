@@ -93,10 +93,39 @@ def cmd_analyze_decoupling(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.set, schema_only=args.schema_only)
+    except RecipeError as error:
+        for problem in error.problems:
+            print(f"binaryduo: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    stages = " -> ".join(f"{s.name} ({s.variant}, {s.epochs} ep"
+                         + (", via decouple" if s.transition == "decouple" else "") + ")"
+                         for s in recipe.stages)
+    scope = "schema" if args.schema_only else "schema, environment and paths"
+    print(f"ok: {args.recipe}: recipe {recipe.name!r}, model {recipe.model.name}: {stages} "
+          f"[checked {scope}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="binaryduo", description="BinaryDuo binary-activation networks: train, report, analyze.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate", help="check a recipe before spending compute",
+        description="Validates a recipe: schema (unknown keys, types), stage chain, model options, "
+                    "environment variables and dataset paths. One line per problem, exit 2.")
+    validate.add_argument("recipe", help="recipe YAML file")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                          help="override a recipe value, e.g. stages.finetune.epochs=3 (repeatable)")
+    validate.add_argument("--schema-only", action="store_true",
+                          help="do not consult environment variables or the file system")
+    validate.set_defaults(handler=cmd_validate)
 
     report = commands.add_parser(
         "report", help="model size (Mbit) and FLOPs by the paper's counting rules",
