@@ -111,6 +111,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .recipe import RecipeError
+    from .run import train
+    from .stages import StageTransitionError
+
+    try:
+        return train(args.recipe, overrides=args.set, output=args.output,
+                     tracking_uri=args.tracking_uri, resume=args.resume, smoke=args.smoke)
+    except RecipeError as error:
+        for problem in error.problems:
+            print(f"binaryduo: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    except (StageTransitionError, FloatingPointError) as error:
+        print(f"binaryduo: run stopped: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(output=args.output, tracking_uri=args.tracking_uri)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="binaryduo", description="BinaryDuo binary-activation networks: train, report, analyze.")
@@ -126,6 +151,33 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--schema-only", action="store_true",
                           help="do not consult environment variables or the file system")
     validate.set_defaults(handler=cmd_validate)
+
+    train = commands.add_parser(
+        "train", help="run a recipe: stages, transitions, checkpoints, MLflow",
+        description="Validates RECIPE (nothing runs if it is bad), then trains its stages in order.")
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a recipe value (repeatable)")
+    train.add_argument("--output", help="run directory (default: runs/<recipe>-<time>)")
+    train.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                              "the recipe's, or sqlite ./mlflow.db)")
+    train.add_argument("--resume", metavar="DIR",
+                       help="continue the run in DIR (same stage and epoch, same MLflow runs)")
+    train.add_argument("--smoke", action="store_true",
+                       help="same code path on a tiny subset, one short epoch per stage")
+    train.set_defaults(handler=cmd_train)
+
+    demo = commands.add_parser(
+        "demo", help="BNN vs BinaryDuo on Fashion-MNIST, table read back from MLflow",
+        description="Prepares Fashion-MNIST, trains recipes/demo/*bnn* and *binaryduo* at equal "
+                    "budget, and prints a paper-style table from the MLflow record.")
+    demo.add_argument("--output", default="runs/demo", help="parent of the two run directories")
+    demo.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite ./mlflow.db)")
+    demo.set_defaults(handler=cmd_demo)
+
+    from .commands_data import register as register_data_commands
+
+    register_data_commands(commands)
 
     report = commands.add_parser(
         "report", help="model size (Mbit) and FLOPs by the paper's counting rules",

@@ -43,8 +43,9 @@ class ModelSection(_Strict):
 class DataSection(_Strict):
     """Where the images are and how they are fed."""
 
-    #: ``imagefolder``: ``train/<class>/*`` and ``val/<class>/*`` under ``root``.
-    format: Literal["imagefolder"] = "imagefolder"
+    #: ``imagefolder``: ``train/<class>/*`` and ``val/<class>/*``; ``filelist``: DALI file lists;
+    #: ``shard``: the small-image numpy shard (``binaryduo data prepare``); ``auto``: detect.
+    format: Literal["auto", "imagefolder", "filelist", "shard"] = "auto"
     #: Dataset directory; may reference environment variables: ``${IMAGENET_DIR}``.
     root: str
     #: ``imagenet``: random-resized-crop 224 / resize 256 + centre crop; ``small``: pad 4 + crop 32.
@@ -373,14 +374,24 @@ def semantic_problems(recipe: Recipe, *, check_paths: bool,
                 problems.append((loc + ("init_from",),
                                  f"checkpoint {stage.init_from} does not exist"))
 
-    if check_paths:
-        root = base_dir / recipe.data.root
-        if not root.is_dir() and recipe.data.prepare is None:
-            problems.append((("data", "root"), f"dataset directory {recipe.data.root} does not "
-                                               f"exist"))
-        elif root.is_dir():
-            for split in ("train", "val"):
-                if not (root / split).is_dir() and recipe.data.prepare is None:
-                    problems.append((("data", "root"),
-                                     f"dataset {recipe.data.root} has no {split}/ directory"))
+    if check_paths and recipe.data.prepare is None:
+        problems.extend((("data", "root"), p) for p in _dataset_problems(base_dir / recipe.data.root,
+                                                                        recipe.data))
     return problems
+
+
+def _dataset_problems(root: Path, data: DataSection) -> list[str]:
+    from binaryduo.data.layout import LayoutError, detect_format
+
+    if not root.is_dir():
+        return [f"dataset directory {data.root} does not exist"]
+    try:
+        found = detect_format(root)
+    except LayoutError as error:
+        return [f"dataset {data.root}: {error}"]
+    if data.format != "auto" and found != data.format:
+        return [f"dataset {data.root} is in format {found!r}, the recipe says {data.format!r}"]
+    if found == "imagefolder":
+        return [f"dataset {data.root} has no {split}/ directory"
+                for split in ("train", "val") if not (root / split).is_dir()]
+    return []

@@ -1,0 +1,446 @@
+"""DALI input pipelines for training and evaluation, sharded over ranks.
+
+Public API::
+
+    spec = LoaderSpec(root, format="auto", preset="imagenet" | "small", batch_size=64, ...)
+    loader = build_loader(spec, train=True, rank=r, world_size=w, seed=s, device=None)
+    len(loader)                      # steps per epoch, identical on every rank
+    for images, labels in loader:    # train: float32 NCHW, int64, on `loader.device`
+    for images, labels, valid in eval_loader:   # eval: + bool mask of real (non-padding) samples
+    loader.set_epoch(e); loader.state_dict(); loader.load_state_dict(state)
+
+Device: CPU pipelines (``device_id=None``) when ``torch.cuda.is_available()`` is False, GPU
+pipelines (``mixed`` JPEG decode, ``device_id`` = the CUDA device index, normally the local rank)
+when it is True; ``device=`` overrides the choice.
+
+Sharding is done here, not by DALI's reader (``shard_id``/``num_shards``): every epoch the
+loader computes each rank's exact list of samples and builds a pipeline that reads that list
+(``fn.readers.file(files=..., labels=...)``, or an ``fn.external_source`` over the shard arrays).
+This makes the guarantees explicit and testable (:meth:`Loader.epoch_indices`):
+
+- train: a permutation of the dataset seeded by ``(seed, epoch)`` -- the same on every rank -- is
+  cut into ``world_size`` disjoint slices of ``N // world_size`` samples (the up to
+  ``world_size - 1`` left over differ from epoch to epoch); with ``drop_last`` (default) only
+  whole batches are kept (DROP). Every rank therefore runs the same number of equal-sized steps.
+- eval: rank ``r`` reads samples ``r, r + w, r + 2w, ...`` in dataset order, padded by repeating
+  its last sample to ``ceil(N / w)`` (DALI's PARTIAL + pad_last_batch, done explicitly); the last
+  batch may be partial, and ``valid`` is False for the padding, so summing over ranks counts
+  every image exactly once while all ranks still run the same number of steps.
+- augmentation randomness comes from the pipeline seed, derived from ``(seed, epoch, rank,
+  start step)``: a run is reproducible, and :meth:`Loader.set_epoch` /
+  :meth:`Loader.load_state_dict` re-create any epoch (or the rest of one) from the seed alone. A
+  run resumed mid-epoch reads exactly the remaining samples, in the same order; their random
+  crops/flips differ from the uninterrupted run's.
+
+Presets (``image_size`` S defaults to 224 / 32):
+
+- ``imagenet`` train: decode + random-resized-crop (area 0.08-1, aspect 3/4-4/3) to SxS,
+  horizontal flip p=0.5, normalize; eval: resize the shorter side to S*256/224 (256 for 224),
+  centre crop SxS, normalize. Default mean/std: the ImageNet ones.
+- ``small`` (CIFAR / Fashion-MNIST): images are centre-padded (or cropped) to S+8, a random SxS
+  window (offsets 0..8, i.e. "pad 4 + random crop S" for an SxS image) is taken and flipped with
+  p=0.5; eval: centre pad/crop to S. Padding is 0-valued pixels, before normalization (as
+  torchvision's Pad + ToTensor + Normalize). Default mean/std: the train-set statistics in a
+  shard's manifest, else 0.5/0.5.
+
+Outputs are normalized as ``(pixel / 255 - mean) / std`` per channel, float32, NCHW.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from .layout import FileSplit, LayoutError, detect_format, list_split
+from .shard import read_manifest
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRESETS = ("imagenet", "small")
+FORMATS = ("auto", "imagefolder", "filelist", "shard")
+SMALL_PAD = 4
+_SUBSET_SEED = 0  # subsets are fixed across runs (independent of the run seed)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What to load and how; the same spec serves train and eval (``build_loader(train=...)``).
+
+    root:        dataset directory (see :mod:`.layout` for the three formats)
+    format:      ``auto`` (detect), ``imagefolder``, ``filelist`` or ``shard``
+    preset:      ``imagenet`` (224, random-resized-crop) or ``small`` (32, pad 4 + crop)
+    batch_size:  per rank
+    num_threads: DALI CPU worker threads per rank
+    subset:      use only this many images of the split (a fixed random choice), for quick runs
+    channels:    1 or 3 output channels; None = 3 for encoded files, the stored count for shards
+    image_size:  output side; None = 224 (imagenet) / 32 (small)
+    mean, std:   per-channel normalization on the 0..1 scale (one value = every channel);
+                 None = the preset's default (see the module docstring)
+    drop_last:   train only: drop the last partial batch (equal on every rank either way)
+    """
+    root: str | Path
+    format: str = "auto"
+    preset: str = "imagenet"
+    batch_size: int = 64
+    num_threads: int = 2
+    subset: int | None = None
+    channels: int | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    drop_last: bool = True
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format!r}: expected one of {FORMATS}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset {self.preset!r}: expected one of {PRESETS}")
+        if self.batch_size < 1 or self.num_threads < 1:
+            raise ValueError("batch_size and num_threads must be >= 1")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels {self.channels!r}: expected 1, 3 or None")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"subset {self.subset!r}: must be >= 1 (or None for all)")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size {self.image_size!r}: must be >= 1")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # float32 (B, C, S, S)
+    labels: torch.Tensor  # int64 (B,)
+
+
+class EvalBatch(NamedTuple):
+    images: torch.Tensor  # float32 (B, C, S, S)
+    labels: torch.Tensor  # int64 (B,)
+    valid: torch.Tensor   # bool (B,): False for padding repeated to even out the ranks
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_loader(spec: LoaderSpec, *, train: bool, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device: torch.device | str | None = None) -> "Loader":
+    """The ``train`` or ``val`` split of ``spec.root`` as this rank's :class:`Loader`."""
+    return Loader(spec, train=train, rank=rank, world_size=world_size, seed=seed, device=device)
+
+
+class Loader:
+    """An epoch-able iterator over one rank's shard; see the module docstring for the guarantees.
+
+    Iterating continues from the current position (epoch, step): a full pass advances to the next
+    epoch; :meth:`set_epoch` jumps to the start of an epoch; :meth:`state_dict` /
+    :meth:`load_state_dict` save and restore a mid-epoch position. Evaluation loaders always run
+    a whole pass.
+    """
+
+    def __init__(self, spec: LoaderSpec, *, train: bool, rank: int, world_size: int, seed: int,
+                 device: torch.device | str | None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        self.spec, self.train, self.rank, self.world_size = spec, train, rank, world_size
+        self.seed = int(seed)
+        self.device = default_device() if device is None else torch.device(device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device}: CUDA is not available")
+            self._device_id = (self.device.index if self.device.index is not None
+                               else torch.cuda.current_device())
+            self.device = torch.device("cuda", self._device_id)
+        elif self.device.type == "cpu":
+            self._device_id = None
+        else:
+            raise ValueError(f"device {self.device}: expected cpu or cuda")
+
+        self.split = "train" if train else "val"
+        self.format = detect_format(spec.root) if spec.format == "auto" else spec.format
+        if self.format == "shard":
+            manifest = read_manifest(spec.root)
+            self._images, labels = manifest.load_split(self.split)
+            self._files = None
+            self.classes = manifest.classes
+            stored = self._images.shape[-1]
+            stats = (manifest.mean, manifest.std)
+        else:
+            listing: FileSplit = list_split(spec.root, self.split, self.format)
+            self._images, self._files, labels = None, listing.files, listing.labels
+            self.classes = listing.classes
+            stored, stats = 3, None
+        self.labels = np.asarray(labels, dtype=np.int64)  # of every sample, by dataset index
+        self.channels = spec.channels or stored
+        self._stored_channels = stored
+        self.image_size = spec.image_size or (224 if spec.preset == "imagenet" else 32)
+        self.mean, self.std = self._normalization(stats)
+
+        total = len(self.labels)
+        if spec.subset is not None and spec.subset < total:
+            chosen = np.random.default_rng(_SUBSET_SEED).permutation(total)[:spec.subset]
+            self._selected = np.sort(chosen)
+        else:
+            self._selected = np.arange(total)
+        n = len(self._selected)
+        bs = spec.batch_size
+        if train:
+            self.samples_per_rank = n // world_size
+            if self.samples_per_rank == 0:
+                raise ValueError(f"{n} training images cannot be split over {world_size} ranks")
+            if spec.drop_last:
+                self._steps = self.samples_per_rank // bs
+                if self._steps == 0:
+                    raise ValueError(
+                        f"batch_size {bs} > {self.samples_per_rank} training images per rank "
+                        "(lower batch_size, or drop_last=False)")
+            else:
+                self._steps = math.ceil(self.samples_per_rank / bs)
+        else:
+            self.samples_per_rank = math.ceil(n / world_size)  # padded to this on every rank
+            self._steps = math.ceil(self.samples_per_rank / bs)
+        self._epoch, self._step = 0, 0
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the split (after ``subset``), over all ranks."""
+        return len(self._selected)
+
+    @property
+    def subset_indices(self) -> np.ndarray:
+        """Dataset indices (positions in ``labels``) of the images in use: all, or ``subset``."""
+        return self._selected
+
+    @property
+    def files(self) -> tuple[str, ...] | None:
+        """Image paths by dataset index (file formats); None for a shard."""
+        return self._files
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def __repr__(self) -> str:
+        return (f"Loader({self.split}, {self.format}, preset={self.spec.preset}, "
+                f"{self.num_samples} images, rank {self.rank}/{self.world_size}, "
+                f"{len(self)} steps x {self.spec.batch_size}, device={self.device})")
+
+    # ------------------------------------------------------------------------ position / resume
+    def set_epoch(self, epoch: int, step: int = 0) -> None:
+        """Positions the loader at ``step`` of ``epoch``; the next iteration starts there."""
+        if epoch < 0 or not 0 <= step <= self._steps:
+            raise ValueError(f"epoch {epoch} step {step}: out of range (steps {self._steps})")
+        self._epoch, self._step = int(epoch), int(step)
+        if self._step == self._steps:
+            self._epoch, self._step = self._epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        """The position of the next batch plus what must match to resume it exactly."""
+        return {"epoch": self._epoch, "step": self._step, "seed": self.seed,
+                "world_size": self.world_size, "num_samples": self.num_samples,
+                "batch_size": self.spec.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "num_samples", "batch_size"):
+            mine = self.state_dict()[key]
+            if key in state and state[key] != mine:
+                raise ValueError(f"loader state has {key}={state[key]}, this loader {mine}: "
+                                 "the saved position would select different samples")
+        self.set_epoch(int(state["epoch"]), int(state["step"]))
+
+    # -------------------------------------------------------------------------------- sharding
+    def epoch_indices(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, valid)`` this rank reads in ``epoch``, in order, one per output sample:
+        dataset indices (positions in ``self.labels``) and whether each is a real sample
+        (False only for eval padding)."""
+        epoch = self._epoch if epoch is None else epoch
+        n, w, r, bs = self.num_samples, self.world_size, self.rank, self.spec.batch_size
+        if self.train:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            mine = order[r * self.samples_per_rank:(r + 1) * self.samples_per_rank]
+            if self.spec.drop_last:
+                mine = mine[:self._steps * bs]
+            valid = np.ones(len(mine), dtype=bool)
+        else:
+            real = np.arange(r, n, w)
+            pad = self.samples_per_rank - len(real)
+            filler = real[-1] if len(real) else 0
+            mine = np.concatenate([real, np.full(pad, filler, dtype=real.dtype)])
+            valid = np.arange(len(mine)) < len(real)
+        return self._selected[mine], valid
+
+    # ------------------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[Batch | EvalBatch]:
+        if not self.train:
+            self._step = 0
+        epoch, start = self._epoch, self._step
+        bs = self.spec.batch_size
+        indices, valid = self.epoch_indices(epoch)
+        indices, valid = indices[start * bs:], valid[start * bs:]
+        steps = math.ceil(len(indices) / bs)
+        if steps == 0:
+            return
+        # Exactly `steps` iterations are scheduled: nothing is decoded past the end of the epoch
+        # (DALI's iterators prefetch `prefetch_queue_depth` batches beyond it).
+        depth = min(2, steps)
+        pipe = self._pipeline(indices, self._pipeline_seed(epoch, start), depth)
+        valid_t = torch.from_numpy(valid).to(self.device)
+        try:
+            pipe.schedule_run()  # the first call schedules `depth` iterations
+            scheduled = depth
+            for k in range(steps):
+                images, labels = pipe.outputs()
+                n = min(bs, len(indices) - k * bs)  # the last batch is padded to full size
+                images, labels = _to_torch(images)[:n], _to_torch(labels).reshape(-1)[:n].long()
+                if scheduled < steps:
+                    pipe.schedule_run()
+                    scheduled += 1
+                step = start + k
+                self._epoch, self._step = ((epoch + 1, 0) if step + 1 == self._steps
+                                           else (epoch, step + 1))
+                if self.train:
+                    yield Batch(images, labels)
+                else:
+                    yield EvalBatch(images, labels, valid_t[k * bs:k * bs + n])
+        finally:
+            del pipe
+
+    def _pipeline_seed(self, epoch: int, start: int) -> int:
+        state = np.random.SeedSequence([self.seed, epoch, self.rank, start]).generate_state(1)
+        return int(state[0] & 0x7FFFFFFF)
+
+    def _normalization(self, stats) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        mean, std = self.spec.mean, self.spec.std
+        if mean is None or std is None:
+            if self.spec.preset == "imagenet":
+                default = (IMAGENET_MEAN, IMAGENET_STD)
+            elif stats is not None:
+                default = stats
+            else:
+                default = ((0.5,), (0.5,))
+            mean = default[0] if mean is None else mean
+            std = default[1] if std is None else std
+
+        def per_channel(values, what):
+            values = tuple(float(v) for v in values)
+            if len(values) == self.channels:
+                return values
+            if len(values) == 1:
+                return values * self.channels
+            if self.channels == 1:  # e.g. ImageNet's RGB statistics for a grey output
+                return (sum(values) / len(values),)
+            raise ValueError(f"{what} {values}: expected 1 or {self.channels} values")
+
+        mean, std = per_channel(mean, "mean"), per_channel(std, "std")
+        if min(std) <= 0:
+            raise ValueError(f"std {std}: must be > 0")
+        return mean, std
+
+    # -------------------------------------------------------------------------------- pipeline
+    def _pipeline(self, indices: np.ndarray, seed: int, depth: int):
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+
+        spec, gpu = self.spec, self._device_id is not None
+        bs, size = spec.batch_size, self.image_size
+        pipe = Pipeline(batch_size=bs, num_threads=spec.num_threads, device_id=self._device_id,
+                        seed=seed, prefetch_queue_depth=depth, exec_dynamic=True)
+        imagenet = spec.preset == "imagenet"
+        area, ratio = [0.08, 1.0], [3.0 / 4.0, 4.0 / 3.0]
+        with pipe:
+            if self._files is not None:
+                encoded, labels = fn.readers.file(
+                    files=[self._files[i] for i in indices],
+                    labels=[int(self.labels[i]) for i in indices],
+                    random_shuffle=False, pad_last_batch=True, name="reader")
+                decode = "mixed" if gpu else "cpu"
+                colour = types.RGB if self.channels == 3 else types.GRAY
+                if imagenet and self.train:
+                    images = fn.decoders.image_random_crop(
+                        encoded, device=decode, output_type=colour, random_area=area,
+                        random_aspect_ratio=ratio, num_attempts=10)
+                    images = fn.resize(images, resize_x=size, resize_y=size)
+                else:
+                    images = fn.decoders.image(encoded, device=decode, output_type=colour)
+            else:
+                images, labels = fn.external_source(
+                    source=_ShardSource(self._images, self.labels, indices, bs), num_outputs=2,
+                    batch=True, layout=["HWC", ""], dtype=[types.UINT8, types.INT64])
+                if self.channels == 3 and self._stored_channels == 1:
+                    images = fn.cat(images, images, images, axis=2)
+                elif self.channels == 1 and self._stored_channels == 3:
+                    images = fn.color_space_conversion(images, image_type=types.RGB,
+                                                       output_type=types.GRAY)
+                if gpu:
+                    images = images.gpu()
+                if imagenet and self.train:
+                    images = fn.random_resized_crop(images, size=[size, size],
+                                                    random_area=area, random_aspect_ratio=ratio)
+            normalize = dict(dtype=types.FLOAT, output_layout="CHW",
+                             mean=[255.0 * m for m in self.mean],
+                             std=[255.0 * s for s in self.std])
+            if imagenet:
+                if self.train:
+                    images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(),
+                                                      **normalize)
+                else:
+                    images = fn.resize(images, resize_shorter=round(size * 256 / 224))
+                    images = fn.crop_mirror_normalize(images, crop=(size, size), **normalize)
+            elif self.train:
+                padded = size + 2 * SMALL_PAD
+                images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad")
+                offsets = [k / (2 * SMALL_PAD) for k in range(2 * SMALL_PAD + 1)]
+                images = fn.crop_mirror_normalize(
+                    images, crop=(size, size), crop_pos_x=fn.random.uniform(values=offsets),
+                    crop_pos_y=fn.random.uniform(values=offsets),
+                    mirror=fn.random.coin_flip(), **normalize)
+            else:
+                # crop_mirror_normalize pads in output space: fill with a normalized 0 pixel
+                images = fn.crop_mirror_normalize(
+                    images, crop=(size, size), out_of_bounds_policy="pad",
+                    fill_values=[-m / s for m, s in zip(self.mean, self.std)], **normalize)
+            pipe.set_outputs(images, labels.gpu() if gpu else labels)
+        pipe.build()
+        return pipe
+
+
+def _to_torch(batch) -> torch.Tensor:
+    """A DALI output batch as a torch tensor without a copy (``exec_dynamic`` pipelines hand
+    out buffers they do not reuse while referenced, as DALI's own PyTorch iterator relies on)."""
+    from nvidia.dali.tensors import TensorGPU
+
+    tensor = batch.as_tensor()
+    if isinstance(tensor, TensorGPU):
+        with torch.cuda.device(tensor.device_id()):
+            return torch.from_dlpack(tensor)
+    return torch.from_dlpack(tensor)
+
+
+class _ShardSource:
+    """Batch-mode ``external_source`` callback: batch ``i`` of the rank's index list, the last
+    one padded to a full batch by repeating its final sample (trimmed by the iterator)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, bs: int):
+        self.images, self.labels, self.indices, self.bs = images, labels, indices, bs
+        self.steps = math.ceil(len(indices) / bs)
+
+    def __call__(self, iteration: int):
+        chunk = self.indices[(iteration % self.steps) * self.bs:][:self.bs]
+        if len(chunk) < self.bs:
+            chunk = np.concatenate([chunk, np.full(self.bs - len(chunk), chunk[-1])])
+        return np.ascontiguousarray(self.images[chunk]), self.labels[chunk]
+
+
+__all__ = ["LoaderSpec", "Loader", "Batch", "EvalBatch", "build_loader", "default_device",
+           "IMAGENET_MEAN", "IMAGENET_STD", "LayoutError"]

@@ -1,0 +1,119 @@
+"""One training epoch and one distributed evaluation, readable top to bottom."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from binaryduo.models import clip_latent_weights_
+
+from .distributed import DistributedContext, all_reduce_sum
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+    data_wait_fraction: float
+    lr: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    top1: float
+    top5: float
+    loss: float
+    images: int
+
+
+def _split(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(images, labels[, valid mask]) from a loader batch."""
+    if len(batch) == 3:
+        return batch[0], batch[1], batch[2]
+    return batch[0], batch[1], None
+
+
+def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: torch.dtype,
+                lr_at: Callable[[int], float], first_step: int, log_every: int,
+                on_log: Callable[[int, dict[str, float]], None], progress=None) -> EpochStats:
+    """Trains ``engine`` for one pass over ``loader``; returns rank-averaged statistics.
+
+    The LR is set from ``lr_at(global step)`` before every step (a pure function: resuming needs no
+    scheduler state). Latent weight clipping, where the model asks for it, acts on the parameters
+    DeepSpeed steps (the fp32 masters at ZeRO 0 / fp32).
+    """
+    engine.train()
+    step = first_step
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    images = 0
+    waited = 0.0
+    lr = lr_at(step)
+    started = time.perf_counter()
+    fetch_started = started
+    for batch in loader:
+        inputs, labels, _ = _split(batch)
+        waited += time.perf_counter() - fetch_started
+        lr = lr_at(step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        logits = engine(inputs.to(ctx.device, dtype, non_blocking=True))
+        loss = F.cross_entropy(logits.float(), labels.to(ctx.device))
+        engine.backward(loss)
+        engine.step()
+        clip_latent_weights_(engine.module)
+        loss_sum += loss.detach().to(torch.float64)
+        images += labels.shape[0]
+        step += 1
+        if progress is not None:
+            progress.update(1)
+            elapsed = time.perf_counter() - started
+            progress.set_postfix(loss=f"{loss.item():.3f}",
+                                 img_s=f"{images * ctx.world_size / max(elapsed, 1e-9):.0f}",
+                                 refresh=False)
+        if log_every and step % log_every == 0:
+            on_log(step, {"train_loss_step": float(loss.item()), "lr": lr})
+        fetch_started = time.perf_counter()
+    seconds = time.perf_counter() - started
+    steps = step - first_step
+    total_loss, total_images, total_steps = all_reduce_sum(
+        [float(loss_sum), float(images), float(steps)], ctx.device)
+    return EpochStats(loss=total_loss / max(total_steps, 1), images=int(total_images),
+                      seconds=seconds, data_wait_fraction=waited / max(seconds, 1e-9), lr=lr)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable, *, ctx: DistributedContext,
+             dtype: torch.dtype) -> EvalStats:
+    """Top-1/top-5 over every validation image exactly once across ranks (padding masked out)."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    for batch in loader:
+        inputs, labels, valid = _split(batch)
+        labels = labels.to(ctx.device)
+        logits = model(inputs.to(ctx.device, dtype)).float()
+        if valid is not None:
+            keep = valid.to(ctx.device).bool()
+            logits, labels = logits[keep], labels[keep]
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top.eq(labels.unsqueeze(1))
+        correct1 += float(hits[:, 0].sum())
+        correct5 += float(hits.any(dim=1).sum())
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum")) if labels.numel() else 0.0
+        count += labels.numel()
+    correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count],
+                                                         ctx.device)
+    model.train(was_training)
+    if count == 0:
+        raise RuntimeError("evaluation saw no images")
+    return EvalStats(top1=100.0 * correct1 / count, top5=100.0 * correct5 / count,
+                     loss=loss_sum / count, images=int(count))

@@ -1,0 +1,56 @@
+"""What produced a result: code version, package versions, hardware (saved with every run)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("binaryduo", "torch", "torchvision", "deepspeed", "nvidia-dali-cuda130", "mlflow",
+            "pydantic", "pyyaml")
+SOURCE_DIR = Path(__file__).resolve().parent.parent
+
+
+def code_version() -> dict[str, object]:
+    """Git SHA of the source tree and whether it has uncommitted changes (None outside git)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(SOURCE_DIR), *args], capture_output=True,
+                                  text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware(world_size: int) -> dict[str, object]:
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "world_size": world_size,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+def recipe_hash(resolved: dict) -> str:
+    """Stable hash of the resolved recipe; a resume refuses a run whose recipe changed."""
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]

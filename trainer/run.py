@@ -1,0 +1,94 @@
+"""``binaryduo train``: a recipe in; trained stages, checkpoints and an MLflow record out."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import atomic_write_text
+from .recipe import Recipe, load_recipe
+from .tracking import Tracker, resolve_tracking_uri
+
+
+def smoke_recipe(recipe: Recipe) -> Recipe:
+    """The same recipe, one epoch per stage (on the tiny subset ``DataFeed(smoke=True)`` takes)."""
+    data = recipe.model_dump()
+    for stage in data["stages"]:
+        stage["epochs"] = 1
+        stage["schedule"]["milestones"] = []
+        stage["schedule"]["warmup_epochs"] = 0
+    data["name"] = f"{recipe.name}-smoke"
+    return Recipe.model_validate(data)
+
+
+def prepare_data(recipe: Recipe) -> None:
+    """Builds demo data where a recipe asks for it (``data.prepare``) and it is missing."""
+    if recipe.data.prepare == "fashion-mnist":
+        from binaryduo.data.prepare import prepare_fashion_mnist
+
+        result = prepare_fashion_mnist(Path(recipe.data.root))
+        if result.created:
+            print(f"prepared fashion-mnist at {recipe.data.root} ({result.seconds:.1f} s)",
+                  flush=True)
+
+
+def train(recipe_path: str, *, overrides: list[str], output: str | None, tracking_uri: str | None,
+          resume: str | None, smoke: bool) -> int:
+    """Validates (before any compute), then runs every stage; returns the exit status."""
+    # Validation happens in every process before the process group exists: a bad recipe costs
+    # nothing, and every rank reports the same problem.
+    recipe = load_recipe(recipe_path, overrides)
+    if smoke:
+        recipe = smoke_recipe(recipe)
+    if resume is not None and not Path(resume).is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such run directory")
+
+    from . import stages
+    from .distributed import broadcast_object, init_distributed, teardown
+    from .engine import resolve_dtype
+    from .feed import DataFeed
+    from .provenance import code_version, hardware, package_versions, recipe_hash
+
+    ctx = init_distributed()
+    try:
+        if ctx.is_main:
+            prepare_data(recipe)
+        output_dir = Path(resume or output or broadcast_object(
+            f"runs/{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}" if ctx.is_main else None))
+        resolved = recipe.model_dump(mode="json")
+        digest = recipe_hash(resolved)
+        version = code_version()
+        uri = resolve_tracking_uri(tracking_uri, recipe.logging.tracking_uri)
+        tags = {"code_version": f"{version['git_sha']}{'-dirty' if version['git_dirty'] else ''}",
+                "world_size": str(ctx.world_size), "hardware": hardware(ctx.world_size)["device"],
+                "recipe": recipe.name, "recipe_hash": digest, "smoke": str(smoke).lower()}
+        if ctx.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(output_dir / "recipe.resolved.yaml",
+                              yaml.safe_dump(resolved, sort_keys=False))
+            atomic_write_text(output_dir / "provenance.json", json.dumps({
+                "code": version, "packages": package_versions(), "hardware": hardware(ctx.world_size),
+                "recipe_file": str(recipe_path), "overrides": list(overrides), "smoke": smoke,
+                "command": sys.argv}, indent=2))
+        tracker = Tracker(uri, recipe.logging.experiment, enabled=ctx.is_main)
+        dtype = resolve_dtype(recipe.precision, ctx.device)
+        feed = DataFeed(recipe.data, ctx, smoke=smoke)
+        results = stages.run_recipe(recipe, ctx=ctx, output_dir=output_dir, tracker=tracker,
+                                    loaders=feed, dtype=dtype, tags=tags,
+                                    artifacts_dir=output_dir, recipe_hash=digest)
+        if ctx.is_main:
+            print(f"\n{recipe.name}: run directory {output_dir}, MLflow {uri}")
+            for result in results:
+                extra = ""
+                if "decouple_decoupled_val_top1" in result.extra:
+                    extra = (f"  (decoupled before fine-tune "
+                             f"{result.extra['decouple_decoupled_val_top1']:.2f})")
+                print(f"  {result.name:<12} {result.variant:<10} best top-1 {result.best_top1:6.2f}"
+                      f"  final {result.final_top1:6.2f}{extra}")
+            print(f"  open the record: mlflow ui --backend-store-uri {uri}")
+        return 0
+    finally:
+        teardown()

@@ -1,0 +1,259 @@
+"""The stage engine: a recipe's stages run in order, with their transitions, into one MLflow record.
+
+Read ``run_recipe`` top to bottom: for each stage it builds the stage's model (from scratch, from the
+previous stage's best/last checkpoint, from a path, or by decoupling the previous coupled model and
+verifying the result), wraps it in a DeepSpeed engine, resumes from the stage's latest checkpoint
+if there is one, then trains epoch by epoch: a seeded loader per epoch, one pass, BN statistics
+synchronised, a distributed evaluation, metrics to MLflow, a checkpoint.
+
+Seeds are pure functions of (recipe seed, stage, epoch), so an epoch redone after a resume sees the
+same data order and dropout masks as the first time: a resumed seeded CPU run ends bitwise equal to
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from binaryduo import models
+
+from . import engine as engines
+from .checkpoint import StageCheckpoints, atomic_write_text, load_model_state
+from .distributed import DistributedContext, broadcast_object, sync_batchnorm_statistics
+from .loop import evaluate, train_epoch
+from .progress import progress_bar, summary_line
+from .recipe import Recipe, StageSection
+from .schedules import learning_rate
+from .tracking import Tracker, flatten
+
+RUN_STATE = "run_state.json"
+
+
+class StageTransitionError(RuntimeError):
+    """A transition's guarantee does not hold (e.g. decoupling beyond tolerance): the run stops."""
+
+
+@dataclass
+class RunState:
+    """What a resume needs besides checkpoints: MLflow run ids and finished stages."""
+
+    parent_run_id: str | None = None
+    stage_run_ids: dict[str, str] = field(default_factory=dict)
+    completed: list[str] = field(default_factory=list)
+    recipe_hash: str | None = None
+
+    @classmethod
+    def load(cls, directory: Path) -> "RunState":
+        path = directory / RUN_STATE
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+    def save(self, directory: Path) -> None:
+        atomic_write_text(directory / RUN_STATE, json.dumps(self.__dict__, indent=2))
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    variant: str
+    best_top1: float
+    final_top1: float
+    final_top5: float
+    epochs: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _inject_fault(point: str, stage: str, epoch: int) -> None:
+    """Fault injection for the reliability tests: ``BINARYDUO_FAULT=after_checkpoint:STAGE:EPOCH``
+    kills the process (as ``kill -9`` would, no cleanup) right after that checkpoint is written."""
+    if os.environ.get("BINARYDUO_FAULT") == f"{point}:{stage}:{epoch}":
+        os._exit(137)
+
+
+def stage_seed(seed: int, stage_index: int, epoch: int) -> int:
+    """Seed of one epoch of one stage (data order, augmentation, dropout)."""
+    return (seed * 1_000_003 + stage_index * 10_007 + epoch) % (2**31 - 1)
+
+
+def build_stage_model(recipe: Recipe, stage: StageSection) -> torch.nn.Module:
+    return models.build(recipe.model.name, stage.variant, **recipe.model.options)
+
+
+def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tracker: Tracker,
+               loaders, dtype: torch.dtype, tags: dict[str, str], artifacts_dir: Path,
+               recipe_hash: str) -> list[StageResult]:
+    """Runs (or resumes) every stage of ``recipe``; returns one result per stage."""
+    state = broadcast_object(RunState.load(output_dir) if ctx.is_main else None)
+    if state.recipe_hash not in (None, recipe_hash):
+        raise StageTransitionError(f"{output_dir} holds a run of a different recipe (hash "
+                                   f"{state.recipe_hash}, this one {recipe_hash}); resume it with "
+                                   f"the same recipe and overrides, or use a new --output")
+    state.recipe_hash = recipe_hash
+    state.parent_run_id = tracker.start_run(recipe.name, tags=tags, run_id=state.parent_run_id)
+    if state.parent_run_id is not None:
+        tracker.log_params(state.parent_run_id, flatten(recipe.model_dump(mode="json")))
+        tracker.log_artifact(state.parent_run_id, artifacts_dir / "recipe.resolved.yaml")
+        tracker.log_artifact(state.parent_run_id, artifacts_dir / "provenance.json")
+    if ctx.is_main:
+        state.save(output_dir)
+
+    results: list[StageResult] = []
+    for index, stage in enumerate(recipe.stages):
+        checkpoints = StageCheckpoints(output_dir / "checkpoints" / stage.name,
+                                       keep_last=recipe.checkpoint.keep_last, is_main=ctx.is_main)
+        run_id = tracker.start_run(stage.name, parent=state.parent_run_id,
+                                   tags={**tags, "stage": stage.name, "variant": stage.variant},
+                                   run_id=state.stage_run_ids.get(stage.name))
+        if run_id is not None:
+            state.stage_run_ids[stage.name] = run_id
+            tracker.log_params(run_id, {"stage_index": index,
+                                        **flatten(stage.model_dump(mode="json"), "stage.")})
+        if ctx.is_main:
+            state.save(output_dir)
+
+        # 1. The stage's model: from scratch, a checkpoint, or the previous stage (+ transition).
+        torch.manual_seed(stage_seed(recipe.seed, index, -1))
+        model = build_stage_model(recipe, stage)
+        transition_metrics: dict[str, float] = {}
+        # every rank reads the manifest (checkpoints live on a shared file system, as DeepSpeed's)
+        latest = checkpoints.latest_tag()
+        resuming = latest is not None
+        if not resuming:
+            model, transition_metrics = _initial_weights(recipe, index, stage, model, ctx=ctx,
+                                                         output_dir=output_dir, loaders=loaders,
+                                                         dtype=dtype, tracker=tracker, run_id=run_id,
+                                                         artifacts_dir=artifacts_dir)
+        model.to(ctx.device)
+
+        # 2. The engine, and the stage's latest checkpoint when resuming.
+        engine = engines.make_engine(model, stage, recipe, ctx=ctx, dtype=dtype,
+                                     per_rank_batch=loaders.per_rank_batch)
+        first_epoch = 0
+        if resuming:
+            client = checkpoints.load(engine, latest)
+            first_epoch = int(client["epoch"])
+            transition_metrics = dict(client.get("transition_metrics", {}))
+
+        steps_per_epoch = loaders.steps_per_epoch(stage_seed(recipe.seed, index, 0))
+
+        def lr_at(step: int, stage=stage) -> float:
+            return learning_rate(stage.schedule, stage.optimizer.lr, step, steps_per_epoch,
+                                 stage.epochs)
+
+        # 3. Epochs.
+        top1 = top5 = float("nan")
+        for epoch in range(first_epoch, stage.epochs):
+            torch.manual_seed(stage_seed(recipe.seed, index, epoch + 1))
+            loader = loaders.train(stage_seed(recipe.seed, index, 0), epoch)
+            progress = progress_bar(stage.name, epoch, stage.epochs, len(loader), ctx)
+            stats = train_epoch(
+                engine, loader, ctx=ctx, dtype=dtype, lr_at=lr_at,
+                first_step=epoch * steps_per_epoch, log_every=recipe.logging.every_steps,
+                on_log=lambda step, m: tracker.log_metrics(run_id, m, step), progress=progress)
+            if progress is not None:
+                progress.close()
+            sync_batchnorm_statistics(engine.module)
+            evaluation = evaluate(engine.module, loaders.val(), ctx=ctx, dtype=dtype)
+            top1, top5 = evaluation.top1, evaluation.top5
+            if not math.isfinite(stats.loss):
+                raise FloatingPointError(f"stage {stage.name!r} epoch {epoch + 1}: training loss "
+                                         f"is {stats.loss}; stopping (last good checkpoint kept)")
+            metrics = {"train_loss": stats.loss, "val_top1": top1, "val_top5": top5,
+                       "val_loss": evaluation.loss, "lr": stats.lr,
+                       "images_per_second": stats.images_per_second * ctx.world_size,
+                       "data_wait_fraction": stats.data_wait_fraction,
+                       "epoch_seconds": stats.seconds}
+            tracker.log_metrics(run_id, metrics, step=epoch + 1)
+            summary_line(stage.name, epoch + 1, stage.epochs, metrics, ctx)
+            checkpoints.save(engine, epoch=epoch + 1, top1=top1, client_state={
+                "stage": stage.name, "stage_index": index, "epoch": epoch + 1,
+                "step": (epoch + 1) * steps_per_epoch, "top1": top1,
+                "recipe_hash": recipe_hash, "parent_run_id": state.parent_run_id,
+                "stage_run_id": run_id, "transition_metrics": transition_metrics})
+            _inject_fault("after_checkpoint", stage.name, epoch + 1)
+
+        # 4. The stage's record: final numbers, cost report of its model, the final model.
+        manifest = checkpoints.manifest()
+        if not math.isfinite(top1):  # resumed after the last epoch: read it back
+            last = manifest["epochs"][-1]
+            top1 = last["top1"]
+        best = manifest["best"]["top1"]
+        results.append(StageResult(stage.name, stage.variant, best, top1, top5, stage.epochs,
+                                   transition_metrics))
+        if ctx.is_main:
+            report = models.cost_report(build_stage_model(recipe, stage))
+            cost_path = artifacts_dir / f"cost_{stage.name}.json"
+            atomic_write_text(cost_path, json.dumps(report.to_dict(), indent=2))
+            tracker.log_artifact(run_id, cost_path)
+            tracker.log_metrics(run_id, {"best_val_top1": best, "mbit": report.mbit,
+                                         "mflops": report.flops / 1e6}, step=stage.epochs)
+            tracker.log_artifact(run_id, checkpoints.model_file("last"), "model")
+            tracker.finish(run_id)
+            if stage.name not in state.completed:
+                state.completed.append(stage.name)
+            state.save(output_dir)
+        del engine
+    if ctx.is_main:
+        tracker.finish(state.parent_run_id)
+    return results
+
+
+def _initial_weights(recipe: Recipe, index: int, stage: StageSection, model: torch.nn.Module, *,
+                     ctx: DistributedContext, output_dir: Path, loaders, dtype: torch.dtype,
+                     tracker: Tracker, run_id: str | None,
+                     artifacts_dir: Path) -> tuple[torch.nn.Module, dict[str, float]]:
+    if stage.init_from is None:
+        return model, {}
+    if stage.init_from != "previous":
+        model.load_state_dict(load_model_state(Path(stage.init_from)))
+        return model, {}
+    previous = recipe.stages[index - 1]
+    source = StageCheckpoints(output_dir / "checkpoints" / previous.name, keep_last=1,
+                              is_main=ctx.is_main)
+    if stage.transition != "decouple":
+        model.load_state_dict(load_model_state(source.model_file(stage.init_checkpoint)))
+        return model, {}
+
+    # Decouple: the previous stage's chosen coupled model -> its exact binary equivalent.
+    coupled = build_stage_model(recipe, previous)
+    coupled.load_state_dict(load_model_state(source.model_file(stage.init_checkpoint)))
+    coupled_top1 = source.manifest()["best" if stage.init_checkpoint == "best" else "epochs"]
+    coupled_top1 = coupled_top1["top1"] if stage.init_checkpoint == "best" else coupled_top1[-1]["top1"]
+    decoupled = models.decouple(coupled)
+    batch = loaders.fixed_val_batch()
+    check = models.check_decoupling(coupled, decoupled, batch, mode="eval")
+    metrics = {
+        "decouple_max_abs_dlogit_f64": check.max_abs_dlogit,
+        "decouple_changed_predictions_f64": float(check.changed_predictions),
+        "decouple_parameter_deviation": check.parameter_deviation,
+        "decouple_max_abs_dlogit_native": check.native_max_abs_dlogit,
+        "decouple_changed_predictions_native": float(check.native_changed_predictions),
+        "decouple_activation_flips_native": float(check.native_activation_flips),
+    }
+    if ctx.is_main:
+        path = artifacts_dir / f"decoupling_check_{stage.name}.json"
+        atomic_write_text(path, json.dumps({**check.to_dict(), "tolerance": stage.decouple_tolerance,
+                                            "passed": check.passed(stage.decouple_tolerance)},
+                                           indent=2))
+        tracker.log_artifact(run_id, path)
+    if not check.passed(stage.decouple_tolerance):
+        tracker.log_metrics(run_id, metrics, step=0)
+        raise StageTransitionError(
+            f"decoupling {previous.name!r} -> {stage.name!r} is not exact: float64 max |dlogit| "
+            f"{check.max_abs_dlogit:.3e} (tolerance {stage.decouple_tolerance:g}), "
+            f"{check.changed_predictions} changed predictions, parameter deviation "
+            f"{check.parameter_deviation:g}")
+    decoupled.to(ctx.device)
+    # the decoupled model is still float32 here (the engine casts it for bf16 training)
+    before = evaluate(decoupled, loaders.val(), ctx=ctx, dtype=torch.float32)
+    metrics.update({"decouple_coupled_val_top1": coupled_top1,
+                    "decouple_decoupled_val_top1": before.top1,
+                    "decouple_val_top1_delta": before.top1 - coupled_top1})
+    tracker.log_metrics(run_id, {**metrics, "val_top1": before.top1, "val_top5": before.top5},
+                        step=0)
+    return decoupled, metrics
