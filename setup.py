@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "pyyaml>=6",
     "pydantic>=2",
     "tqdm>=4",
+    "matplotlib>=3",  # training-curve PNGs (also an mlflow dependency)
 ]
 
 setup(

@@ -44,10 +44,12 @@ def make_engine(model: torch.nn.Module, stage: StageSection, recipe: Recipe, *,
     import deepspeed
 
     model.to(ctx.device)
-    if dtype == torch.bfloat16 and any(
-            getattr(m, "latent_clip", None) is not None for m in model.modules()):
-        raise ValueError("latent_clip with bf16 would clamp the bf16 copies, not the fp32 master "
-                         "weights; use precision fp32 or drop latent_clip")
+    clipped = any(getattr(m, "latent_clip", None) is not None for m in model.modules())
+    if clipped and (dtype == torch.bfloat16 or recipe.deepspeed.zero_stage > 0):
+        # there the optimizer steps separate fp32 master copies, which a clamp of the module's
+        # parameters would not reach (the next step would overwrite it)
+        raise ValueError("model option latent_clip needs precision fp32 and deepspeed.zero_stage 0 "
+                         "(it clamps the parameters the optimizer steps)")
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=make_optimizer(model, stage),
         config=deepspeed_config(recipe, per_rank_batch=per_rank_batch,

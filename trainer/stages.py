@@ -25,6 +25,7 @@ from binaryduo import models
 
 from . import engine as engines
 from .checkpoint import StageCheckpoints, atomic_write_text, load_model_state
+from .curves import plot_training_curves
 from .distributed import DistributedContext, broadcast_object, sync_batchnorm_statistics
 from .loop import evaluate, train_epoch
 from .progress import progress_bar, summary_line
@@ -198,7 +199,11 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
                 state.completed.append(stage.name)
             state.save(output_dir)
         del engine
-    if ctx.is_main:
+    if ctx.is_main and tracker.enabled:
+        curves = plot_training_curves(
+            tracker.client, [(s.name, state.stage_run_ids[s.name]) for s in recipe.stages],
+            artifacts_dir / "training_curves.png")
+        tracker.log_artifact(state.parent_run_id, curves)
         tracker.finish(state.parent_run_id)
     return results
 

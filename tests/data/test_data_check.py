@@ -112,3 +112,15 @@ def test_shard_checks(fashion_mnist_root, tmp_path):
     assert "outside 0..2" in report.problems[0].detail
     (root / "val_images.npy").write_bytes(b"garbage")
     assert any("val" in p.detail for p in check_dataset(root).problems)
+
+
+def test_filelist_checks(imagenet_photos, tmp_path):
+    root = tmp_path / "list"
+    root.mkdir()
+    shutil.copyfile(imagenet_photos[0][0], root / "a.jpg")
+    (root / "train.txt").write_text("a.jpg 0\nmissing.jpg 1\n")
+    (root / "val.txt").write_text("a.jpg 0\nbroken line\n")
+    report = check_dataset(root)
+    assert report.layout == "filelist"
+    assert [(p.kind, p.path) for p in report.problems] == [
+        ("missing-file", str(root / "missing.jpg")), ("bad-list", str(root / "val.txt"))]

@@ -59,7 +59,8 @@ def test_two_stage_recipe_end_to_end(tmp_path, tiny_recipe, run_binaryduo):
     check = json.loads((run / "decoupling_check_finetune.json").read_text())
     assert check["passed"] is True
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
-        "recipe.resolved.yaml", "provenance.json"}
+        "recipe.resolved.yaml", "provenance.json", "training_curves.png"}
+    assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the final model is a loadable decoupled network
     state = torch.load(run / "checkpoints" / "finetune" / "epoch-0001" / "model_state.pt",
@@ -99,3 +100,27 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_recipe, run_binaryduo):
                           cwd=tmp_path, check=False)
     assert other.returncode == 1
     assert "holds a run of a different recipe" in other.stderr
+
+
+def test_bf16_and_zero1_smoke(tmp_path, tiny_recipe, run_binaryduo):
+    """bf16 (BN buffers cast after initialize) and ZeRO stage 1 run on the CPU accelerator."""
+    result = run_binaryduo("train", tiny_recipe, "--smoke", "--output", "run", "--set",
+                           "precision=bf16", "--set", "deepspeed.zero_stage=1", cwd=tmp_path)
+    assert "[finetune] epoch 1/1" in result.stdout
+    client, parents, children = _records(tmp_path / "mlflow.db")
+    assert parents[0].data.params["precision"] == "bf16"
+    assert children["finetune"].data.metrics["decouple_max_abs_dlogit_f64"] <= 1e-9
+
+
+def test_bad_recipe_costs_nothing_and_writes_nothing(tmp_path, tiny_recipe, run_binaryduo):
+    result = run_binaryduo("train", tiny_recipe, "--output", "run", "--set", "stages.0.epochs=0",
+                           "--set", "model.options.latent_clip=1.0", "--set", "precision=bf16",
+                           cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stages.0.epochs" in lines[0]
+    result = run_binaryduo("train", tiny_recipe, "--output", "run", "--set",
+                           "model.options.latent_clip=1.0", "--set", "precision=bf16",
+                           cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "latent_clip needs precision fp32" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no run dir, no mlflow.db
