@@ -43,7 +43,11 @@ Presets (``image_size`` S defaults to 224 / 32):
   torchvision's Pad + ToTensor + Normalize). Default mean/std: the train-set statistics in a
   shard's manifest, else 0.5/0.5.
 
-Outputs are normalized as ``(pixel / 255 - mean) / std`` per channel, float32, NCHW.
+Outputs are normalized as ``(pixel / 255 - mean) / std`` per channel, float32, NCHW. Batches are
+handed over without a copy (DLPack from an ``exec_dynamic`` pipeline: DALI does not reuse a buffer
+while it is referenced), and exactly one epoch's batches are scheduled -- DALI's own iterators
+decode ``prefetch_queue_depth`` batches past the end of every epoch, which the per-epoch pipeline
+would throw away.
 """
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ class STE(str, Enum):
 DEFAULT_SWISHSIGN_BETA = 5.0
 
 
-def _staircase(y: torch.Tensor, levels: int) -> torch.Tensor:
+def _staircase(y: torch.Tensor, levels: int, out: torch.Tensor | None = None,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``floor(levels * clip(y, 0, 1) + 0.5) / levels``, with exact thresholds.
 
     For binary and ternary the thresholds (1/2; 1/4 and 3/4) are exact binary fractions, so the
@@ -55,13 +56,40 @@ def _staircase(y: torch.Tensor, levels: int) -> torch.Tensor:
     up to 1.0 and would fire one ulp early.) For k-bit levels the formula is evaluated in float64,
     which is exact for float32/bfloat16/float16 inputs (a float64 input within an ulp of a k-bit
     threshold may land on either side).
+
+    Written for few memory passes: the comparisons write straight into float buffers (``out``,
+    and ``scratch`` for the ternary's second step; both like ``y``, fresh if not given), which takes
+    the vectorized compare kernel (a bool result, or a bool operand later, runs a scalar loop or a
+    hidden float conversion on CPU). The ternary's ``(a + b) / 2`` is one ``lerp(a, b, 1/2)``:
+    exact, as every value involved is 0, 1/2 or 1.
     """
+    y = y.detach()
+    if out is None:
+        out = torch.empty_like(y)
     if levels == 1:
-        return (y >= 0.5).to(y.dtype)
+        return torch.ge(y, 0.5, out=out)
     if levels == 2:
-        return ((y >= 0.25).to(y.dtype) + (y >= 0.75).to(y.dtype)) * 0.5
+        if scratch is None:
+            scratch = torch.empty_like(y)
+        torch.ge(y, 0.25, out=out)
+        torch.ge(y, 0.75, out=scratch)
+        return out.lerp_(scratch, 0.5)
     wide = y.to(torch.float64)
-    return (torch.floor(wide.clamp(0.0, 1.0) * levels + 0.5) / levels).to(y.dtype)
+    return out.copy_(torch.floor(wide.clamp(0.0, 1.0) * levels + 0.5) / levels)
+
+
+def _clipped_identity_window(y: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Bool mask of ``0 < y < 1`` (NaN: False), using ``scratch`` (like ``y``) as float workspace.
+
+    ``y - y*y > 0`` holds exactly on ``0 < y < 1`` in any binary floating-point format, with or
+    without a fused multiply-add: inside, ``y*y < y`` and the rounded square stays below ``y``
+    (the gap ``y (1 - y)`` exceeds half an ulp of ``y``), so the difference is positive (it equals
+    ``y`` when the square underflows); for ``y < 0`` the square is positive, for ``y > 1`` the
+    rounded square is above ``y``, at 0 and 1 the difference is 0, and +-inf and NaN give -inf or
+    NaN. One vectorized pass plus one compare, instead of two compares and a logical and.
+    """
+    torch.addcmul(y, y, y, value=-1, out=scratch)
+    return torch.gt(scratch, 0)
 
 
 def _thresholds(levels: int, like: torch.Tensor) -> torch.Tensor:
@@ -92,16 +120,33 @@ class _ActivationQuantizer(torch.autograd.Function):
     def forward(ctx, y, levels: int, ste: STE, beta: float):  # noqa: D102 (see quantize_activation)
         ctx.levels, ctx.ste, ctx.beta = levels, ste, beta
         if ste is STE.CLIPPED_IDENTITY:
-            ctx.save_for_backward((y > 0) & (y < 1))
-        else:
-            ctx.save_for_backward(y)
+            # Float workspace for the window: the ternary's second buffer once the staircase is
+            # done with it, else the output buffer before the staircase fills it.
+            out = torch.empty_like(y)
+            if levels == 2:
+                scratch = torch.empty_like(y)
+                _staircase(y, levels, out, scratch)
+                ctx.save_for_backward(_clipped_identity_window(y, scratch))
+                return out
+            ctx.save_for_backward(_clipped_identity_window(y, out))
+            return _staircase(y, levels, out)
+        ctx.save_for_backward(y)
         return _staircase(y, levels)
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
         (saved,) = ctx.saved_tensors
         if ctx.ste is STE.CLIPPED_IDENTITY:
-            grad = grad_output.masked_fill(~saved, 0.0)
+            # ReLU's backward kernel, ``window <= 1/2 ? 0 : grad``, run in place on the window cast
+            # to the gradient's dtype: two vectorized passes and one buffer (where / masked_fill
+            # are scalar loops; a bool or uint8 operand is cast to a hidden float temporary).
+            # Exactly masked_fill's result: +0.0 outside the window, whatever the upstream value.
+            if torch.is_grad_enabled() and grad_output.requires_grad:
+                grad = torch.where(saved, grad_output, 0.0)  # create_graph: differentiable form
+            else:
+                window = saved.to(grad_output.dtype)
+                grad = torch.ops.aten.threshold_backward.grad_input(
+                    grad_output, window, 0.5, grad_input=window)
         else:
             grad = grad_output * activation_ste_gradient(saved, ctx.levels, ctx.ste, ctx.beta)
         return grad, None, None, None
@@ -130,8 +175,16 @@ def weight_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
 class _WeightBinarizer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, per_channel: bool):  # noqa: D102 (see binarize_weight)
-        alpha = weight_scale(weight, per_channel)
-        return torch.where(weight >= 0, alpha, -alpha)
+        # One fresh buffer holds |W| (alpha is its mean, the same reduction as weight_scale), then
+        # s(W) in {0, 1} -> {-1, +1}, then alpha * s(W); every step is exact and vectorized.
+        out = torch.empty_like(weight)
+        torch.abs(weight, out=out)
+        if per_channel:
+            alpha = out.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+        else:
+            alpha = out.mean()
+        torch.ge(weight, 0, out=out)  # s(0) = s(-0) = +1
+        return out.mul_(2).sub_(1).mul_(alpha)
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
