@@ -17,7 +17,6 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -227,8 +226,9 @@ def _initial_weights(recipe: Recipe, index: int, stage: StageSection, model: tor
     # Decouple: the previous stage's chosen coupled model -> its exact binary equivalent.
     coupled = build_stage_model(recipe, previous)
     coupled.load_state_dict(load_model_state(source.model_file(stage.init_checkpoint)))
-    coupled_top1 = source.manifest()["best" if stage.init_checkpoint == "best" else "epochs"]
-    coupled_top1 = coupled_top1["top1"] if stage.init_checkpoint == "best" else coupled_top1[-1]["top1"]
+    manifest = source.manifest()
+    chosen = manifest["best"] if stage.init_checkpoint == "best" else manifest["epochs"][-1]
+    coupled_top1 = chosen["top1"]
     decoupled = models.decouple(coupled)
     batch = loaders.fixed_val_batch()
     check = models.check_decoupling(coupled, decoupled, batch, mode="eval")
