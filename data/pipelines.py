@@ -19,18 +19,24 @@ loader computes each rank's exact list of samples and builds a pipeline that rea
 This makes the guarantees explicit and testable (:meth:`Loader.epoch_indices`):
 
 - train: a permutation of the dataset seeded by ``(seed, epoch)`` -- the same on every rank -- is
-  cut into ``world_size`` disjoint slices of ``N // world_size`` samples (the up to
-  ``world_size - 1`` left over differ from epoch to epoch); with ``drop_last`` (default) only
-  whole batches are kept (DROP). Every rank therefore runs the same number of equal-sized steps.
+  cut into global batches of ``batch_size * world_size`` samples, and rank ``r`` takes the ``r``-th
+  ``batch_size`` slice of each (global-batch-major): step ``k`` of a run on ``w`` ranks sees the
+  same samples as step ``k`` of a run on one rank with a ``w`` times larger batch. Each rank gets
+  ``N // world_size`` samples (the up to ``world_size - 1`` left over differ from epoch to epoch);
+  with ``drop_last`` (default) only whole global batches are kept (DROP). Every rank therefore
+  runs the same number of equal-sized steps, and the shards are disjoint.
 - eval: rank ``r`` reads samples ``r, r + w, r + 2w, ...`` in dataset order, padded by repeating
   its last sample to ``ceil(N / w)`` (DALI's PARTIAL + pad_last_batch, done explicitly); the last
   batch may be partial, and ``valid`` is False for the padding, so summing over ranks counts
   every image exactly once while all ranks still run the same number of steps.
-- augmentation randomness comes from the pipeline seed, derived from ``(seed, epoch, rank,
-  start step)``: a run is reproducible, and :meth:`Loader.set_epoch` /
-  :meth:`Loader.load_state_dict` re-create any epoch (or the rest of one) from the seed alone. A
-  run resumed mid-epoch reads exactly the remaining samples, in the same order; their random
-  crops/flips differ from the uninterrupted run's.
+- augmentation randomness. ``small`` preset on a shard: the crop offsets and flips are drawn per
+  *sample*, from ``(seed, epoch, dataset index)``, and fed to DALI -- independent of the rank, the
+  world size and where an epoch was resumed. File formats (``imagenet`` preset): DALI's fused
+  random-crop decoder draws from the pipeline seed ``(seed, epoch, rank)``; a loader positioned
+  mid-epoch rebuilds the epoch's pipeline and discards the batches before its position (decoded,
+  not used), so a resumed epoch continues with exactly the crops an uninterrupted one would use.
+  Either way :meth:`Loader.set_epoch` / :meth:`Loader.load_state_dict` re-create any epoch, or the
+  rest of one, bit for bit from the seed alone.
 
 Presets (``image_size`` S defaults to 224 / 32):
 
@@ -85,6 +91,7 @@ class LoaderSpec:
     mean, std:   per-channel normalization on the 0..1 scale (one value = every channel);
                  None = the preset's default (see the module docstring)
     drop_last:   train only: drop the last partial batch (equal on every rank either way)
+    augment:     train only: the preset's random augmentation; False = the eval transform
     """
     root: str | Path
     format: str = "auto"
@@ -97,6 +104,7 @@ class LoaderSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     drop_last: bool = True
+    augment: bool = True
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -272,9 +280,12 @@ class Loader:
         n, w, r, bs = self.num_samples, self.world_size, self.rank, self.spec.batch_size
         if self.train:
             order = np.random.default_rng([self.seed, epoch]).permutation(n)
-            mine = order[r * self.samples_per_rank:(r + 1) * self.samples_per_rank]
-            if self.spec.drop_last:
-                mine = mine[:self._steps * bs]
+            per_rank = self._steps * bs if self.spec.drop_last else self.samples_per_rank
+            full = min(per_rank // bs, self._steps)  # whole per-rank batches of this epoch
+            head = order[:full * bs * w].reshape(full, w, bs)[:, r, :].ravel()
+            tail_size = per_rank - full * bs  # a last partial batch (drop_last=False only)
+            start = full * bs * w + r * tail_size
+            mine = np.concatenate([head, order[start:start + tail_size]])
             valid = np.ones(len(mine), dtype=bool)
         else:
             real = np.arange(r, n, w)
@@ -291,26 +302,32 @@ class Loader:
         epoch, start = self._epoch, self._step
         bs = self.spec.batch_size
         indices, valid = self.epoch_indices(epoch)
-        indices, valid = indices[start * bs:], valid[start * bs:]
+        # Per-sample keyed augmentation starts anywhere; a pipeline-seeded one must replay the
+        # epoch from its start and skip what was already used (see the module docstring).
+        replayed = self.train and self.spec.augment and not self._keyed_augmentation
+        skip = start if replayed else 0
+        indices, valid = indices[(start - skip) * bs:], valid[(start - skip) * bs:]
         steps = math.ceil(len(indices) / bs)
         if steps == 0:
             return
         # Exactly `steps` iterations are scheduled: nothing is decoded past the end of the epoch
         # (DALI's iterators prefetch `prefetch_queue_depth` batches beyond it).
         depth = min(2, steps)
-        pipe = self._pipeline(indices, self._pipeline_seed(epoch, start), depth)
+        pipe = self._pipeline(indices, self._pipeline_seed(epoch), depth, epoch)
         valid_t = torch.from_numpy(valid).to(self.device)
         try:
             pipe.schedule_run()  # the first call schedules `depth` iterations
             scheduled = depth
             for k in range(steps):
                 images, labels = pipe.outputs()
-                n = min(bs, len(indices) - k * bs)  # the last batch is padded to full size
-                images, labels = _to_torch(images)[:n], _to_torch(labels).reshape(-1)[:n].long()
                 if scheduled < steps:
                     pipe.schedule_run()
                     scheduled += 1
-                step = start + k
+                if k < skip:
+                    continue
+                n = min(bs, len(indices) - k * bs)  # the last batch is padded to full size
+                images, labels = _to_torch(images)[:n], _to_torch(labels).reshape(-1)[:n].long()
+                step = start - skip + k
                 self._epoch, self._step = ((epoch + 1, 0) if step + 1 == self._steps
                                            else (epoch, step + 1))
                 if self.train:
@@ -320,8 +337,22 @@ class Loader:
         finally:
             del pipe
 
-    def _pipeline_seed(self, epoch: int, start: int) -> int:
-        state = np.random.SeedSequence([self.seed, epoch, self.rank, start]).generate_state(1)
+    @property
+    def _keyed_augmentation(self) -> bool:
+        """Whether augmentation is drawn per sample (small preset on a shard), not by DALI."""
+        return self.train and self.spec.augment and self.format == "shard" and \
+            self.spec.preset == "small"
+
+    def _augmentation_keys(self, epoch: int) -> np.ndarray:
+        """Per dataset index: (crop offset x, crop offset y, flip) of ``epoch`` (small preset)."""
+        rng = np.random.default_rng([self.seed, epoch, 0x5A5A])
+        total = len(self.labels)
+        offsets = rng.integers(0, 2 * SMALL_PAD + 1, size=(total, 2))
+        flips = rng.integers(0, 2, size=(total, 1))
+        return np.concatenate([offsets, flips], axis=1)
+
+    def _pipeline_seed(self, epoch: int) -> int:
+        state = np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)
         return int(state[0] & 0x7FFFFFFF)
 
     def _normalization(self, stats) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -352,7 +383,7 @@ class Loader:
         return mean, std
 
     # -------------------------------------------------------------------------------- pipeline
-    def _pipeline(self, indices: np.ndarray, seed: int, depth: int):
+    def _pipeline(self, indices: np.ndarray, seed: int, depth: int, epoch: int):
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
@@ -361,6 +392,7 @@ class Loader:
         pipe = Pipeline(batch_size=bs, num_threads=spec.num_threads, device_id=self._device_id,
                         seed=seed, prefetch_queue_depth=depth, exec_dynamic=True)
         imagenet = spec.preset == "imagenet"
+        augment = self.train and spec.augment
         area, ratio = [0.08, 1.0], [3.0 / 4.0, 4.0 / 3.0]
         with pipe:
             if self._files is not None:
@@ -370,7 +402,7 @@ class Loader:
                     random_shuffle=False, pad_last_batch=True, name="reader")
                 decode = "mixed" if gpu else "cpu"
                 colour = types.RGB if self.channels == 3 else types.GRAY
-                if imagenet and self.train:
+                if imagenet and augment:
                     images = fn.decoders.image_random_crop(
                         encoded, device=decode, output_type=colour, random_area=area,
                         random_aspect_ratio=ratio, num_attempts=10)
@@ -378,9 +410,18 @@ class Loader:
                 else:
                     images = fn.decoders.image(encoded, device=decode, output_type=colour)
             else:
-                images, labels = fn.external_source(
-                    source=_ShardSource(self._images, self.labels, indices, bs), num_outputs=2,
-                    batch=True, layout=["HWC", ""], dtype=[types.UINT8, types.INT64])
+                keyed = self._keyed_augmentation
+                keys = self._augmentation_keys(epoch) if keyed else None
+                outputs = fn.external_source(
+                    source=_ShardSource(self._images, self.labels, indices, bs, keys),
+                    num_outputs=3 if keyed else 2, batch=True,
+                    layout=["HWC", ""] + ([""] if keyed else []),
+                    dtype=[types.UINT8, types.INT64] + ([types.INT64] if keyed else []))
+                images, labels = outputs[0], outputs[1]
+                if keyed:
+                    crop_x = fn.cast(outputs[2][0], dtype=types.FLOAT) / (2 * SMALL_PAD)
+                    crop_y = fn.cast(outputs[2][1], dtype=types.FLOAT) / (2 * SMALL_PAD)
+                    flip = fn.cast(outputs[2][2], dtype=types.INT32)
                 if self.channels == 3 and self._stored_channels == 1:
                     images = fn.cat(images, images, images, axis=2)
                 elif self.channels == 1 and self._stored_channels == 3:
@@ -388,27 +429,32 @@ class Loader:
                                                        output_type=types.GRAY)
                 if gpu:
                     images = images.gpu()
-                if imagenet and self.train:
+                if imagenet and augment:
                     images = fn.random_resized_crop(images, size=[size, size],
                                                     random_area=area, random_aspect_ratio=ratio)
             normalize = dict(dtype=types.FLOAT, output_layout="CHW",
                              mean=[255.0 * m for m in self.mean],
                              std=[255.0 * s for s in self.std])
             if imagenet:
-                if self.train:
+                if augment:
                     images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(),
                                                       **normalize)
                 else:
                     images = fn.resize(images, resize_shorter=round(size * 256 / 224))
                     images = fn.crop_mirror_normalize(images, crop=(size, size), **normalize)
-            elif self.train:
+            elif augment:
                 padded = size + 2 * SMALL_PAD
                 images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad")
                 offsets = [k / (2 * SMALL_PAD) for k in range(2 * SMALL_PAD + 1)]
-                images = fn.crop_mirror_normalize(
-                    images, crop=(size, size), crop_pos_x=fn.random.uniform(values=offsets),
-                    crop_pos_y=fn.random.uniform(values=offsets),
-                    mirror=fn.random.coin_flip(), **normalize)
+                if self._keyed_augmentation:
+                    images = fn.crop_mirror_normalize(images, crop=(size, size),
+                                                      crop_pos_x=crop_x, crop_pos_y=crop_y,
+                                                      mirror=flip, **normalize)
+                else:
+                    images = fn.crop_mirror_normalize(
+                        images, crop=(size, size), crop_pos_x=fn.random.uniform(values=offsets),
+                        crop_pos_y=fn.random.uniform(values=offsets),
+                        mirror=fn.random.coin_flip(), **normalize)
             else:
                 # crop_mirror_normalize pads in output space: fill with a normalized 0 pixel
                 images = fn.crop_mirror_normalize(
@@ -433,17 +479,23 @@ def _to_torch(batch) -> torch.Tensor:
 
 class _ShardSource:
     """Batch-mode ``external_source`` callback: batch ``i`` of the rank's index list, the last
-    one padded to a full batch by repeating its final sample (trimmed by the iterator)."""
+    one padded to a full batch by repeating its final sample (trimmed by the iterator); with
+    ``keys``, a third output holds each sample's augmentation keys (row of ``keys``)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, bs: int):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, bs: int,
+                 keys: np.ndarray | None = None):
         self.images, self.labels, self.indices, self.bs = images, labels, indices, bs
+        self.keys = keys
         self.steps = math.ceil(len(indices) / bs)
 
     def __call__(self, iteration: int):
         chunk = self.indices[(iteration % self.steps) * self.bs:][:self.bs]
         if len(chunk) < self.bs:
             chunk = np.concatenate([chunk, np.full(self.bs - len(chunk), chunk[-1])])
-        return np.ascontiguousarray(self.images[chunk]), self.labels[chunk]
+        batch = (np.ascontiguousarray(self.images[chunk]), self.labels[chunk])
+        if self.keys is not None:
+            batch += (np.ascontiguousarray(self.keys[chunk]),)
+        return batch
 
 
 __all__ = ["LoaderSpec", "Loader", "Batch", "EvalBatch", "build_loader", "default_device",

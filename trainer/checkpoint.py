@@ -5,6 +5,8 @@ Layout of one stage: ``<run>/checkpoints/<stage>/``
 
 - ``epoch-0003/``: ``engine.save_checkpoint`` output (model, optimizer, client state) and
   ``model_state.pt`` (the module's ``state_dict``, loadable with ``torch.load(weights_only=True)``);
+- ``epoch-0003-step-000120/``: a mid-epoch checkpoint (120 steps into epoch 4), written when a
+  preemption signal stops the run; it is ``latest`` until the epoch ends, never ``best``;
 - ``manifest.json``: which epochs are complete, the latest, and the best by validation top-1.
 
 A checkpoint is written as ``epoch-0003.partial/`` and renamed when every file is in place; the
@@ -42,9 +44,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def epoch_tag(epoch: int) -> str:
-    """Tag of the checkpoint taken after ``epoch`` (1-based) completed."""
-    return f"epoch-{epoch:04d}"
+def epoch_tag(epoch: int, step: int = 0) -> str:
+    """Tag of the checkpoint taken after ``epoch`` (1-based) completed, or ``step`` steps into
+    the epoch after it."""
+    return f"epoch-{epoch:04d}" + (f"-step-{step:06d}" if step else "")
 
 
 class StageCheckpoints:
@@ -68,7 +71,10 @@ class StageCheckpoints:
     def tag_for(self, which: str) -> str:
         """``best`` (highest validation top-1) or ``last`` checkpoint's tag; raises if none."""
         manifest = self.manifest()
-        entry = manifest["best"]["tag"] if which == "best" and manifest["best"] else manifest["latest"]
+        if which == "best" and manifest["best"]:
+            entry = manifest["best"]["tag"]
+        else:  # the last completed epoch (never a mid-epoch checkpoint)
+            entry = manifest["epochs"][-1]["tag"] if manifest["epochs"] else None
         if entry is None:
             raise FileNotFoundError(f"no completed checkpoint in {self.directory}")
         return entry
@@ -77,8 +83,10 @@ class StageCheckpoints:
         return self.directory / self.tag_for(which) / MODEL_FILE
 
     # -- writing --------------------------------------------------------------------------------
-    def save(self, engine, *, epoch: int, top1: float, client_state: dict[str, Any]) -> str:
-        tag = epoch_tag(epoch)
+    def save(self, engine, *, epoch: int, top1: float, client_state: dict[str, Any],
+             step: int = 0) -> str:
+        """Epoch-end checkpoint (``step`` 0), or a mid-epoch one ``step`` steps after it."""
+        tag = epoch_tag(epoch, step)
         partial = self.directory / f"{tag}.partial"
         if self.is_main:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -93,7 +101,10 @@ class StageCheckpoints:
             final = self.directory / tag
             shutil.rmtree(final, ignore_errors=True)  # an epoch redone after a resume
             os.replace(partial, final)
-            self._update_manifest(tag, epoch, top1)
+            if step:
+                self._update_manifest_mid_epoch(tag, epoch, step)
+            else:
+                self._update_manifest(tag, epoch, top1)
         _barrier()
         return tag
 
@@ -112,6 +123,20 @@ class StageCheckpoints:
                 shutil.rmtree(self.directory / entry["tag"], ignore_errors=True)
         manifest = {"epochs": [e for e in epochs if e["tag"] in keep], "latest": tag, "best": best}
         atomic_write_text(self.directory / MANIFEST, json.dumps(manifest, indent=2))
+        self._remove_mid_epoch(keep_tag=None)
+
+    def _update_manifest_mid_epoch(self, tag: str, epoch: int, step: int) -> None:
+        manifest = self.manifest()
+        manifest["latest"] = tag
+        manifest["mid_epoch"] = {"epoch": epoch, "step": step, "tag": tag}
+        atomic_write_text(self.directory / MANIFEST, json.dumps(manifest, indent=2))
+        self._remove_mid_epoch(keep_tag=tag)
+
+    def _remove_mid_epoch(self, keep_tag: str | None) -> None:
+        """Mid-epoch checkpoints no longer named by the manifest (after it was replaced)."""
+        for path in self.directory.glob("epoch-*-step-*"):
+            if path.name != keep_tag and not path.name.endswith(".partial"):
+                shutil.rmtree(path, ignore_errors=True)
 
     # -- reading --------------------------------------------------------------------------------
     def load(self, engine, tag: str) -> dict[str, Any]:

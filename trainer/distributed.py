@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[07-12,20],login1`` -> ``gpu07``."""
+    depth, item = 0, []
+    for char in nodelist.strip():
+        if char == "," and depth == 0:
+            break
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        item.append(char)
+    host, rest = "", "".join(item)
+    while "[" in rest:
+        head, _, tail = rest.partition("[")
+        ranges, _, rest = tail.partition("]")
+        host += head + ranges.split(",")[0].split("-")[0]
+    host += rest
+    if not host:
+        raise ValueError(f"SLURM_JOB_NODELIST {nodelist!r}: no host in it")
+    return host
+
+
+def slurm_port(job_id: int) -> int:
+    """A rendezvous port derived from the job id (jobs sharing a node do not collide unless
+    their ids are 20,000 apart); the sbatch template exports the same number."""
+    return 15000 + job_id % 20000
+
+
 def _fill_rendezvous_environment() -> None:
     """Sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for a process no launcher started.
 
@@ -43,6 +69,10 @@ def _fill_rendezvous_environment() -> None:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env and env.get("SLURM_JOB_NODELIST"):
+            env["MASTER_ADDR"] = first_host(env["SLURM_JOB_NODELIST"])
+        if "MASTER_PORT" not in env and env.get("SLURM_JOB_ID", "").isdigit():
+            env["MASTER_PORT"] = str(slurm_port(int(env["SLURM_JOB_ID"])))
     env.setdefault("RANK", "0")
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("LOCAL_RANK", "0")
@@ -69,17 +99,31 @@ def init_distributed() -> DistributedContext:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        timeout = timedelta(seconds=float(os.environ.get("BINARYDUO_DIST_TIMEOUT_S", 1800)))
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                   timeout=timeout)
     return DistributedContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
-def teardown() -> None:
-    """Barrier, then destroy the group (a rank skipping this sometimes aborts at exit)."""
-    if dist.is_initialized():
+def teardown(clean: bool = True) -> None:
+    """Barrier, then destroy the group (a rank skipping this sometimes aborts at exit).
+
+    After an error (``clean=False``) there is no barrier -- the other ranks may be inside a
+    collective this rank will never join; destroying the group closes this rank's connections,
+    so gloo peers fail at once instead of waiting for the timeout, and launchers (torchrun, the
+    deepspeed launcher, ``srun --kill-on-bad-exit``) stop the rest of the job."""
+    if not dist.is_initialized():
+        return
+    if not clean:
         try:
-            dist.barrier()
-        finally:
             dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already failing; the original error matters
+            pass
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 @torch.no_grad()
@@ -110,3 +154,34 @@ def broadcast_object(value, src: int = 0):
     holder = [value]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's Python object, in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+@torch.no_grad()
+def assert_replicas_agree(model: torch.nn.Module, what: str) -> None:
+    """Raises if the ranks' copies of ``model`` (parameters and buffers) differ at all.
+
+    A cheap guard (one float64 sum per tensor, one all-gather) against silent desynchronisation:
+    data-parallel replicas must be identical after BN statistics are synced."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    tensors = list(model.state_dict().items())
+    sums = torch.stack([t.detach().to(torch.float64).sum() if t.numel() else
+                        torch.zeros((), dtype=torch.float64, device=t.device)
+                        for _, t in tensors]).to(tensors[0][1].device)
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, sums)
+    for rank, other in enumerate(gathered[1:], start=1):
+        differ = (other != gathered[0]).nonzero().flatten().tolist()
+        if differ:
+            names = ", ".join(tensors[i][0] for i in differ[:5])
+            raise RuntimeError(f"{what}: rank {rank}'s model differs from rank 0's in {names}"
+                               f"{' ...' if len(differ) > 5 else ''}")

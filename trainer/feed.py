@@ -37,17 +37,17 @@ class DataFeed:
         return LoaderSpec(root=Path(self.data.root), format=self.data.format,
                           preset=self.data.preset, batch_size=self.per_rank_batch,
                           num_threads=self.data.num_threads, subset=subset,
-                          channels=self.data.channels)
+                          channels=self.data.channels, augment=self.data.augment)
 
-    def train(self, seed: int, epoch: int):
-        """This rank's training loader for ``epoch`` of the stage whose seed is ``seed``."""
+    def train(self, seed: int, epoch: int, step: int = 0):
+        """This rank's training loader at ``step`` of ``epoch`` of the stage seeded ``seed``."""
         loader = self._train.get(seed)
         if loader is None:
             self._train = {seed: build_loader(self._train_spec, train=True, rank=self.ctx.rank,
                                               world_size=self.ctx.world_size, seed=seed,
                                               device=self.ctx.device)}
             loader = self._train[seed]
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, step)
         return loader
 
     def steps_per_epoch(self, seed: int) -> int:

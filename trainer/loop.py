@@ -26,6 +26,20 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+@dataclass
+class EpochProgress:
+    """This rank's running sums within an epoch; saved with a mid-epoch checkpoint so a resumed
+    epoch reports the same loss, bit for bit, as an uninterrupted one."""
+
+    loss_sum: float = 0.0
+    images: int = 0
+    steps: int = 0
+    waited: float = 0.0
+    seconds: float = 0.0
+    lr: float = float("nan")
+    stopped: bool = False  # the epoch was interrupted (preemption) after `steps` steps
+
+
 @dataclass(frozen=True)
 class EvalStats:
     top1: float
@@ -43,50 +57,66 @@ def _split(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
 
 def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: torch.dtype,
                 lr_at: Callable[[int], float], first_step: int, log_every: int,
-                on_log: Callable[[int, dict[str, float]], None], progress=None) -> EpochStats:
-    """Trains ``engine`` for one pass over ``loader``; returns rank-averaged statistics.
+                on_log: Callable[[int, dict[str, float]], None], progress=None,
+                resumed: EpochProgress | None = None,
+                stop: Callable[[], bool] | None = None) -> EpochProgress:
+    """Trains ``engine`` over ``loader`` (the rest of an epoch); returns this rank's sums, with
+    ``stopped`` set when ``stop()`` -- asked after every step -- said so.
 
-    The LR is set from ``lr_at(global step)`` before every step (a pure function: resuming needs no
-    scheduler state). Latent weight clipping, where the model asks for it, acts on the parameters
-    DeepSpeed steps (the fp32 masters at ZeRO 0 / fp32).
+    ``first_step`` is the global step of the loader's first batch and ``resumed`` the sums of
+    the steps an interrupted attempt already did. The LR is set from ``lr_at(global step)``
+    before every step (a pure function: resuming needs no scheduler state). Latent weight
+    clipping, where the model asks for it, acts on the parameters DeepSpeed steps (the fp32
+    masters at ZeRO 0 / fp32).
     """
     engine.train()
+    sums = EpochProgress(**(resumed.__dict__ if resumed else {}))
+    sums.stopped = False
     step = first_step
-    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    images = 0
-    waited = 0.0
-    lr = lr_at(step)
+    loss_sum = torch.tensor(sums.loss_sum, dtype=torch.float64, device=ctx.device)
     started = time.perf_counter()
     fetch_started = started
+    images_before = sums.images
     for batch in loader:
         inputs, labels, _ = _split(batch)
-        waited += time.perf_counter() - fetch_started
-        lr = lr_at(step)
+        sums.waited += time.perf_counter() - fetch_started
+        sums.lr = lr_at(step)
         for group in engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = sums.lr
         logits = engine(inputs.to(ctx.device, dtype, non_blocking=True))
         loss = F.cross_entropy(logits.float(), labels.to(ctx.device))
         engine.backward(loss)
         engine.step()
         clip_latent_weights_(engine.module)
         loss_sum += loss.detach().to(torch.float64)
-        images += labels.shape[0]
+        sums.images += labels.shape[0]
+        sums.steps += 1
         step += 1
         if progress is not None:
             progress.update(1)
             elapsed = time.perf_counter() - started
-            progress.set_postfix(loss=f"{loss.item():.3f}",
-                                 img_s=f"{images * ctx.world_size / max(elapsed, 1e-9):.0f}",
-                                 refresh=False)
+            progress.set_postfix(
+                loss=f"{loss.item():.3f}",
+                img_s=f"{(sums.images - images_before) * ctx.world_size / max(elapsed, 1e-9):.0f}",
+                refresh=False)
         if log_every and step % log_every == 0:
-            on_log(step, {"train_loss_step": float(loss.item()), "lr": lr})
+            on_log(step, {"train_loss_step": float(loss.item()), "lr": sums.lr})
         fetch_started = time.perf_counter()
-    seconds = time.perf_counter() - started
-    steps = step - first_step
+        if stop is not None and stop():
+            sums.stopped = True
+            break
+    sums.seconds += time.perf_counter() - started
+    sums.loss_sum = float(loss_sum)
+    return sums
+
+
+def epoch_stats(sums: EpochProgress, ctx: DistributedContext) -> EpochStats:
+    """Rank-averaged statistics of a finished epoch (a collective: every rank calls it)."""
     total_loss, total_images, total_steps = all_reduce_sum(
-        [float(loss_sum), float(images), float(steps)], ctx.device)
+        [sums.loss_sum, float(sums.images), float(sums.steps)], ctx.device)
     return EpochStats(loss=total_loss / max(total_steps, 1), images=int(total_images),
-                      seconds=seconds, data_wait_fraction=waited / max(seconds, 1e-9), lr=lr)
+                      seconds=sums.seconds, data_wait_fraction=sums.waited / max(sums.seconds, 1e-9),
+                      lr=sums.lr)
 
 
 @torch.no_grad()

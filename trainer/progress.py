@@ -8,12 +8,14 @@ from tqdm import tqdm
 from .distributed import DistributedContext
 
 
-def progress_bar(stage: str, epoch: int, epochs: int, steps: int, ctx: DistributedContext):
-    """A bar over the epoch's steps on rank 0 (None elsewhere, or when stderr is not a terminal)."""
+def progress_bar(stage: str, epoch: int, epochs: int, steps: int, ctx: DistributedContext, *,
+                 initial: int = 0):
+    """A bar over the epoch's steps on rank 0 (None elsewhere, or when stderr is not a terminal);
+    ``initial``: steps already done (an epoch resumed mid-way)."""
     if not ctx.is_main or not sys.stderr.isatty():
         return None
-    return tqdm(total=steps, desc=f"{stage} {epoch + 1}/{epochs}", unit="step", leave=False,
-                dynamic_ncols=True)
+    return tqdm(total=steps, initial=initial, desc=f"{stage} {epoch + 1}/{epochs}", unit="step",
+                leave=False, dynamic_ncols=True)
 
 
 def summary_line(stage: str, epoch: int, epochs: int, metrics: dict[str, float],

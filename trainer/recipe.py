@@ -50,6 +50,9 @@ class DataSection(_Strict):
     root: str
     #: ``imagenet``: random-resized-crop 224 / resize 256 + centre crop; ``small``: pad 4 + crop 32.
     preset: Literal["imagenet", "small"]
+    #: Random training augmentation of the preset (crops, flips); false = the evaluation transform
+    #: (for very short runs, where augmentation costs more accuracy than it saves).
+    augment: bool = True
     #: Global batch size (split evenly across ranks).
     batch_size: int = Field(gt=0)
     #: Images the model sees: grey images are repeated to 3 channels when this is 3.
@@ -129,6 +132,8 @@ class LoggingSection(_Strict):
 
 
 class CheckpointSection(_Strict):
+    #: A checkpoint after every N-th epoch and after the last one (``best`` picks among these);
+    #: a preemption signal checkpoints at the next step regardless.
     every_epochs: int = Field(default=1, gt=0)
     #: Checkpoints kept per stage besides the best one.
     keep_last: int = Field(default=2, gt=0)
@@ -136,6 +141,10 @@ class CheckpointSection(_Strict):
 
 class DeepSpeedSection(_Strict):
     zero_stage: Literal[0, 1] = 0
+    #: BatchNorm statistics over the global batch (one all-reduce of 2C+1 numbers per BN layer
+    #: and step), so a recipe trains the same model on any number of ranks; false = per-rank
+    #: statistics, as the authors' DataParallel code had.
+    sync_batchnorm: bool = True
 
 
 class Recipe(_Strict):

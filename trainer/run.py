@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import atomic_write_text
+from .preemption import EXIT_PREEMPTED, Preempted, Preemption, requeue_slurm_job
 from .recipe import Recipe, load_recipe
 from .tracking import Tracker, resolve_tracking_uri
 
@@ -38,6 +39,19 @@ def prepare_data(recipe: Recipe) -> None:
 def train(recipe_path: str, *, overrides: list[str], output: str | None, tracking_uri: str | None,
           resume: str | None, smoke: bool) -> int:
     """Validates (before any compute), then runs every stage; returns the exit status."""
+    # Signal handlers first: a preemption signal during the slow imports and set-up below must
+    # not kill the process (it is acted on at the first step boundary).
+    preemption = Preemption()
+    try:
+        return _train(preemption, recipe_path, overrides=overrides, output=output,
+                      tracking_uri=tracking_uri, resume=resume, smoke=smoke)
+    finally:
+        # last: a SIGTERM that follows our own `scontrol requeue` only sets the flag
+        preemption.restore()
+
+
+def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], output: str | None,
+           tracking_uri: str | None, resume: str | None, smoke: bool) -> int:
     # Validation happens in every process before the process group exists: a bad recipe costs
     # nothing, and every rank reports the same problem.
     recipe = load_recipe(recipe_path, overrides)
@@ -53,6 +67,7 @@ def train(recipe_path: str, *, overrides: list[str], output: str | None, trackin
     from .provenance import code_version, hardware, package_versions, recipe_hash
 
     ctx = init_distributed()
+    clean = False
     try:
         if ctx.is_main:
             prepare_data(recipe)
@@ -76,9 +91,18 @@ def train(recipe_path: str, *, overrides: list[str], output: str | None, trackin
         tracker = Tracker(uri, recipe.logging.experiment, enabled=ctx.is_main)
         dtype = resolve_dtype(recipe.precision, ctx.device)
         feed = DataFeed(recipe.data, ctx, smoke=smoke)
-        results = stages.run_recipe(recipe, ctx=ctx, output_dir=output_dir, tracker=tracker,
-                                    loaders=feed, dtype=dtype, tags=tags,
-                                    artifacts_dir=output_dir, recipe_hash=digest)
+        try:
+            results = stages.run_recipe(recipe, ctx=ctx, output_dir=output_dir, tracker=tracker,
+                                        loaders=feed, dtype=dtype, tags=tags,
+                                        artifacts_dir=output_dir, recipe_hash=digest,
+                                        preemption=preemption)
+        except Preempted as stop:
+            if ctx.is_main:
+                action = requeue_slurm_job() if stop.requeue else (
+                    f"resume with: binaryduo train {recipe_path} --resume {output_dir}")
+                print(f"binaryduo: preempted: {stop}; {action}", file=sys.stderr, flush=True)
+            clean = True
+            return EXIT_PREEMPTED
         if ctx.is_main:
             print(f"\n{recipe.name}: run directory {output_dir}, MLflow {uri}")
             for result in results:
@@ -89,6 +113,12 @@ def train(recipe_path: str, *, overrides: list[str], output: str | None, trackin
                 print(f"  {result.name:<12} {result.variant:<10} best top-1 {result.best_top1:6.2f}"
                       f"  final {result.final_top1:6.2f}{extra}")
             print(f"  open the record: mlflow ui --backend-store-uri {uri}")
+        clean = True
         return 0
+    except BaseException as error:
+        if ctx.world_size > 1:  # say which rank failed; the launcher's log interleaves them
+            print(f"binaryduo: rank {ctx.rank}/{ctx.world_size} failed: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        raise
     finally:
-        teardown()
+        teardown(clean)

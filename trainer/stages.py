@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +26,14 @@ from binaryduo import models
 from . import engine as engines
 from .checkpoint import StageCheckpoints, atomic_write_text, load_model_state
 from .curves import plot_training_curves
-from .distributed import DistributedContext, broadcast_object, sync_batchnorm_statistics
-from .loop import evaluate, train_epoch
+from .distributed import (DistributedContext, all_gather_objects, assert_replicas_agree,
+                          broadcast_object, sync_batchnorm_statistics)
+from .loop import EpochProgress, epoch_stats, evaluate, train_epoch
+from .preemption import Preempted
 from .progress import progress_bar, summary_line
 from .recipe import Recipe, StageSection
 from .schedules import learning_rate
+from .sync_batchnorm import synchronize_batchnorm
 from .tracking import Tracker, flatten
 
 RUN_STATE = "run_state.json"
@@ -75,6 +79,33 @@ def _inject_fault(point: str, stage: str, epoch: int) -> None:
         os._exit(137)
 
 
+def _inject_rank_error(stage: str, epoch: int, rank: int) -> None:
+    """``BINARYDUO_FAULT=error:RANK:STAGE:EPOCH`` raises on one rank at the start of an epoch
+    (1-based): the job must fail promptly with that rank's error, not hang."""
+    if os.environ.get("BINARYDUO_FAULT") == f"error:{rank}:{stage}:{epoch}":
+        raise RuntimeError(f"injected fault on rank {rank} in stage {stage!r} epoch {epoch}")
+
+
+def _stop_check(preemption, ctx: DistributedContext, stage: str, epoch: int, start_step: int):
+    """The loop's per-step question "stop now?"; ``BINARYDUO_FAULT=signal:SIG:RANK:STAGE:EPOCH:STEP``
+    makes rank RANK send itself SIG (USR1/TERM) after that step, through the real handler."""
+    if preemption is None:
+        return None
+    fault = os.environ.get("BINARYDUO_FAULT", "").split(":")
+    target = None
+    if len(fault) == 6 and fault[0] == "signal" and fault[2] == str(ctx.rank) and \
+            fault[3] == stage and fault[4] == str(epoch):
+        target = (getattr(signal, f"SIG{fault[1]}"), int(fault[5]))
+    done = [start_step]
+
+    def stop() -> bool:
+        done[0] += 1
+        if target is not None and done[0] == target[1]:
+            os.kill(os.getpid(), target[0])
+        return preemption.requested(ctx.device)
+    return stop
+
+
 def stage_seed(seed: int, stage_index: int, epoch: int) -> int:
     """Seed of one epoch of one stage (data order, augmentation, dropout)."""
     return (seed * 1_000_003 + stage_index * 10_007 + epoch) % (2**31 - 1)
@@ -86,7 +117,7 @@ def build_stage_model(recipe: Recipe, stage: StageSection) -> torch.nn.Module:
 
 def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tracker: Tracker,
                loaders, dtype: torch.dtype, tags: dict[str, str], artifacts_dir: Path,
-               recipe_hash: str) -> list[StageResult]:
+               recipe_hash: str, preemption=None) -> list[StageResult]:
     """Runs (or resumes) every stage of ``recipe``; returns one result per stage."""
     state = broadcast_object(RunState.load(output_dir) if ctx.is_main else None)
     if state.recipe_hash not in (None, recipe_hash):
@@ -129,15 +160,21 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
                                                          dtype=dtype, tracker=tracker, run_id=run_id,
                                                          artifacts_dir=artifacts_dir)
         model.to(ctx.device)
+        if recipe.deepspeed.sync_batchnorm and ctx.world_size > 1:
+            synchronize_batchnorm(model)
 
         # 2. The engine, and the stage's latest checkpoint when resuming.
         engine = engines.make_engine(model, stage, recipe, ctx=ctx, dtype=dtype,
                                      per_rank_batch=loaders.per_rank_batch)
-        first_epoch = 0
+        first_epoch, first_step_in_epoch, resumed_sums, rng_states = 0, 0, None, None
         if resuming:
             client = checkpoints.load(engine, latest)
             first_epoch = int(client["epoch"])
+            first_step_in_epoch = int(client.get("step_in_epoch", 0))
             transition_metrics = dict(client.get("transition_metrics", {}))
+            if first_step_in_epoch:
+                resumed_sums = EpochProgress(**client["epoch_progress"][ctx.rank])
+                rng_states = client["rng_states"][ctx.rank]
 
         steps_per_epoch = loaders.steps_per_epoch(stage_seed(recipe.seed, index, 0))
 
@@ -145,19 +182,38 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
             return learning_rate(stage.schedule, stage.optimizer.lr, step, steps_per_epoch,
                                  stage.epochs)
 
-        # 3. Epochs.
+        def client_state(epoch: int, top1: float, **extra) -> dict:
+            return {"stage": stage.name, "stage_index": index, "epoch": epoch,
+                    "step": epoch * steps_per_epoch, "top1": top1, "recipe_hash": recipe_hash,
+                    "parent_run_id": state.parent_run_id, "stage_run_id": run_id,
+                    "transition_metrics": transition_metrics, **extra}
+
+        # 3. Epochs (the first one possibly from the middle, after a preemption).
         top1 = top5 = float("nan")
         for epoch in range(first_epoch, stage.epochs):
+            start_step = first_step_in_epoch if epoch == first_epoch else 0
+            _inject_rank_error(stage.name, epoch + 1, ctx.rank)
             torch.manual_seed(stage_seed(recipe.seed, index, epoch + 1))
-            loader = loaders.train(stage_seed(recipe.seed, index, 0), epoch)
-            progress = progress_bar(stage.name, epoch, stage.epochs, len(loader), ctx)
-            stats = train_epoch(
+            if start_step:
+                _set_rng_states(rng_states)
+            loader = loaders.train(stage_seed(recipe.seed, index, 0), epoch, start_step)
+            progress = progress_bar(stage.name, epoch, stage.epochs, len(loader), ctx,
+                                    initial=start_step)
+            sums = train_epoch(
                 engine, loader, ctx=ctx, dtype=dtype, lr_at=lr_at,
-                first_step=epoch * steps_per_epoch, log_every=recipe.logging.every_steps,
-                on_log=lambda step, m: tracker.log_metrics(run_id, m, step), progress=progress)
+                first_step=epoch * steps_per_epoch + start_step,
+                log_every=recipe.logging.every_steps,
+                on_log=lambda step, m: tracker.log_metrics(run_id, m, step), progress=progress,
+                resumed=resumed_sums if start_step else None,
+                stop=_stop_check(preemption, ctx, stage.name, epoch + 1, start_step))
             if progress is not None:
                 progress.close()
+            if sums.stopped and start_step + sums.steps < steps_per_epoch:
+                _stop_mid_epoch(checkpoints, engine, ctx, preemption, tracker, state, client_state,
+                                stage=stage, epoch=epoch, step=start_step + sums.steps, sums=sums)
+            stats = epoch_stats(sums, ctx)
             sync_batchnorm_statistics(engine.module)
+            assert_replicas_agree(engine.module, f"stage {stage.name!r} epoch {epoch + 1}")
             evaluation = evaluate(engine.module, loaders.val(), ctx=ctx, dtype=dtype)
             top1, top5 = evaluation.top1, evaluation.top5
             if not math.isfinite(stats.loss):
@@ -170,12 +226,15 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
                        "epoch_seconds": stats.seconds}
             tracker.log_metrics(run_id, metrics, step=epoch + 1)
             summary_line(stage.name, epoch + 1, stage.epochs, metrics, ctx)
-            checkpoints.save(engine, epoch=epoch + 1, top1=top1, client_state={
-                "stage": stage.name, "stage_index": index, "epoch": epoch + 1,
-                "step": (epoch + 1) * steps_per_epoch, "top1": top1,
-                "recipe_hash": recipe_hash, "parent_run_id": state.parent_run_id,
-                "stage_run_id": run_id, "transition_metrics": transition_metrics})
-            _inject_fault("after_checkpoint", stage.name, epoch + 1)
+            last = epoch + 1 == stage.epochs
+            stopping = preemption is not None and preemption.requested(ctx.device)
+            if last or stopping or (epoch + 1) % recipe.checkpoint.every_epochs == 0:
+                checkpoints.save(engine, epoch=epoch + 1, top1=top1,
+                                 client_state=client_state(epoch + 1, top1))
+                _inject_fault("after_checkpoint", stage.name, epoch + 1)
+            if stopping and not last:
+                _stop_mid_epoch(checkpoints, engine, ctx, preemption, tracker, state, client_state,
+                                stage=stage, epoch=epoch + 1, step=0, sums=None)
 
         # 4. The stage's record: final numbers, cost report of its model, the final model.
         manifest = checkpoints.manifest()
@@ -205,6 +264,38 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
         tracker.log_artifact(state.parent_run_id, curves)
         tracker.finish(state.parent_run_id)
     return results
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _stop_mid_epoch(checkpoints: StageCheckpoints, engine, ctx: DistributedContext, preemption,
+                    tracker: Tracker, state: RunState, client_state, *, stage: StageSection,
+                    epoch: int, step: int, sums) -> None:
+    """Preemption: checkpoint ``step`` steps into the epoch after ``epoch`` (unless the epoch
+    just ended and was checkpointed), then raise :class:`Preempted`."""
+    if step:
+        extra = {"step_in_epoch": step,
+                 "epoch_progress": all_gather_objects(dict(sums.__dict__)),
+                 "rng_states": all_gather_objects(_rng_states())}
+        # no BN sync here: an uninterrupted run does not sync mid-epoch either (with
+        # deepspeed.sync_batchnorm the ranks' statistics are identical anyway)
+        checkpoints.save(engine, epoch=epoch, top1=float("nan"), step=step,
+                         client_state=client_state(epoch, float("nan"), **extra))
+    where = f"stage {stage.name!r}, epoch {epoch + 1}, step {step}"
+    tracker.log_metrics(state.parent_run_id, {"preempted": 1.0}, step=epoch * 1_000_000 + step)
+    raise Preempted(f"checkpoint at {where} in {checkpoints.directory}",
+                    requeue=preemption.wants_requeue)
 
 
 def _initial_weights(recipe: Recipe, index: int, stage: StageSection, model: torch.nn.Module, *,

@@ -298,3 +298,15 @@ def test_batches_stay_valid_after_the_loader_moves_on(fashion_mnist_root, imagen
             pass
         for batch, copy in zip(kept, copies):
             assert all(torch.equal(a, b) for a, b in zip(batch, copy))
+
+
+def test_augment_false_trains_on_the_evaluation_transform(fashion_mnist_root):
+    """``augment=False``: each training image is its source, centre-padded and normalized (the
+    eval transform) -- no random crop or flip."""
+    loader = build_loader(fm_spec(fashion_mnist_root, subset=256, batch_size=128, channels=1,
+                                  augment=False), train=True, seed=3)
+    source = np.load(fashion_mnist_root / "train_images.npy")
+    indices, _ = loader.epoch_indices()
+    images = torch.cat([b.images for b in loader])
+    want = padded_reference(source[indices, :, :, 0], loader.mean[0], loader.std[0], 2)
+    np.testing.assert_allclose(images[:, 0].numpy(), want, atol=1e-5)
