@@ -9,6 +9,8 @@ PACKAGE_DIRS = {
     "binaryduo.models": "models",
     "binaryduo.data": "data",
     "binaryduo.trainer": "trainer",
+    # data, not code: the sbatch templates and their README, found with importlib.resources
+    "binaryduo.slurm": "slurm",
 }
 
 # Pinned as measured in shared/stack.md: the only working torch/torchvision pair on the
@@ -33,6 +35,7 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
+    package_data={"binaryduo.slurm": ["*.sbatch", "README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["binaryduo = binaryduo.trainer.cli:main"]},

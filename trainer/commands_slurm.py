@@ -1,0 +1,267 @@
+"""``binaryduo slurm ...``: submit a recipe as a Slurm job and follow it.
+
+    binaryduo slurm submit RECIPE --nodes N --gpus-per-node G [--tasks-per-node T] [--partition P]
+                           [--time T] [--account A] [--signal-lead S] [--set K=V ...]
+                           [--output RUN_DIR] [--smoke] [--dry-run]
+    binaryduo slurm status [RUN_DIR]
+
+``register(subparsers)`` adds the ``slurm`` command to the CLI's subparsers. A bad recipe or bad
+options give one ``binaryduo: error: ...`` line per problem and exit status 2 before anything is
+written or submitted; ``status`` exits 1 when the job failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import slurm
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _usage_error(message: str) -> Exception:
+    from binaryduo.trainer.cli import UsageError  # lazy: cli imports this module
+    return UsageError(message)
+
+
+def _errors(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"binaryduo: error: {problem}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _binaryduo_executable() -> str:
+    """The ``binaryduo`` of this installation (the job may not have the venv on its PATH)."""
+    beside = Path(sys.executable).with_name("binaryduo")
+    if beside.exists():
+        return str(beside)
+    return shutil.which("binaryduo") or "binaryduo"
+
+
+def _existing_run_problem(run_dir: Path, resolved: dict, *, smoke: bool) -> str | None:
+    """Why ``run_dir`` cannot take this submission (None: new, or the same run continued)."""
+    import yaml
+
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"--output {run_dir}: exists and is not a directory"
+    if not run_dir.is_dir():
+        return None
+    progress = slurm.run_progress(run_dir)
+    if progress.job_id:
+        job = slurm.query_job(progress.job_id, attempts=progress.attempts)
+        if job.active:
+            return (f"--output {run_dir}: job {job.job_id} of this run is still {job.state}; "
+                    f"wait for it or `scancel {job.job_id}` first")
+    frozen = run_dir / slurm.FROZEN_RECIPE
+    if frozen.exists():
+        try:
+            before = yaml.safe_load(frozen.read_text())
+        except yaml.YAMLError:
+            before = None
+        if before != resolved:
+            return (f"--output {run_dir} holds a run of a different recipe ({frozen}); continue "
+                    f"it with the same recipe and --set values, or choose a new --output")
+    state = run_dir / "run_state.json"
+    if state.exists():
+        from .provenance import recipe_hash
+        from .recipe import Recipe
+        from .run import smoke_recipe
+
+        recipe = Recipe.model_validate(resolved)
+        digest = recipe_hash((smoke_recipe(recipe) if smoke else recipe).model_dump(mode="json"))
+        try:
+            recorded = json.loads(state.read_text()).get("recipe_hash")
+        except (OSError, json.JSONDecodeError):
+            recorded = None
+        if recorded not in (None, digest):
+            return (f"--output {run_dir} holds a run of a different recipe (hash {recorded}, "
+                    f"this one {digest}{', with --smoke' if smoke else ''}); choose a new --output")
+    return None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .recipe import RecipeError, load_recipe
+
+    # 1. The recipe, before anything else: a bad one writes and submits nothing.
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+    except RecipeError as error:
+        return _errors(error.problems)
+    options = slurm.JobOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+        account=args.account, signal_lead=args.signal_lead, job_name=args.job_name,
+        extra=tuple(args.sbatch_option))
+    problems = slurm.option_problems(options)
+    if problems:
+        return _errors(problems)
+    if recipe.data.batch_size % options.world_size:
+        return _errors([f"data.batch_size {recipe.data.batch_size} does not split evenly over "
+                        f"{options.world_size} tasks ({options.nodes} node(s) x "
+                        f"{options.ntasks_per_node})"])
+
+    # 2. The run directory and the script.
+    cwd = Path.cwd()
+    run_dir = Path(args.output) if args.output else (
+        Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(os.path.normpath(cwd / run_dir))
+    problem = slurm.path_problem(run_dir) or slurm.path_problem(cwd)
+    if problem:
+        raise _usage_error(problem)
+    resolved = recipe.model_dump(mode="json")
+    problem = _existing_run_problem(run_dir, resolved, smoke=args.smoke)
+    if problem:
+        raise _usage_error(problem)
+    directives = slurm.sbatch_directives(options, run_dir=run_dir, workdir=cwd,
+                                         job_name=f"binaryduo-{recipe.name}")
+    environment = slurm.job_environment(run_dir=run_dir, binaryduo=_binaryduo_executable(),
+                                        smoke=args.smoke, tracking_uri=args.tracking_uri)
+    script = slurm.render_script(slurm.template_text(), directives, environment)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    if shutil.which("sbatch") is None:
+        raise _usage_error("sbatch not found on PATH (is this a Slurm login node?); "
+                           "--dry-run prints the script")
+
+    # 3. Record, then submit; a refused submission leaves the run directory as it was.
+    frozen = slurm.frozen_recipe_text(resolved, source=str(args.recipe), overrides=args.set)
+    record = slurm.submission_record(argv=sys.argv, cwd=cwd, recipe=str(args.recipe),
+                                     overrides=args.set, options=options, run_dir=run_dir,
+                                     smoke=args.smoke, tracking_uri=args.tracking_uri)
+    files = {run_dir / slurm.FROZEN_RECIPE: frozen, run_dir / slurm.JOB_SCRIPT: script,
+             run_dir / slurm.SUBMISSION: json.dumps(record, indent=2) + "\n"}
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    previous = {path: path.read_text() for path in files if path.exists()}
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    try:
+        job_id = slurm.submit(run_dir / slurm.JOB_SCRIPT)
+    except slurm.SlurmError as error:
+        if created is not None:  # a new run directory (and any parents made for it)
+            shutil.rmtree(created, ignore_errors=True)
+        else:
+            for path in files:
+                if path in previous:
+                    path.write_text(previous[path])
+                else:
+                    path.unlink(missing_ok=True)
+        print(f"binaryduo: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    record["job_id"] = job_id
+    (run_dir / slurm.SUBMISSION).write_text(json.dumps(record, indent=2) + "\n")
+    with open(run_dir / slurm.SLURM_SUBDIR / "submissions.jsonl", "a") as history:
+        history.write(json.dumps(record) + "\n")
+    slurm.append_index(cwd / slurm.INDEX, {"job_id": job_id, "run_dir": str(run_dir),
+                                           "recipe": recipe.name,
+                                           "submitted": record["submitted"]})
+    print(f"submitted job {job_id}")
+    print(f"run directory {run_dir}")
+    print(f"  follow it: binaryduo slurm status {run_dir}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.run_dir is None:
+        return _list_runs()
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise _usage_error(f"slurm status: {run_dir}: no such run directory")
+    progress = slurm.run_progress(run_dir.resolve())
+    if progress.job_id is None:
+        raise _usage_error(f"slurm status: {run_dir}: no Slurm job recorded (no "
+                           f"{slurm.SUBMISSION} or {slurm.ATTEMPTS_LOG})")
+    job = slurm.query_job(progress.job_id, attempts=progress.attempts)
+    text, failed = slurm.format_status(progress, job)
+    print(text)
+    if failed and job.exit_code and job.exit_code.split(":")[0] == str(slurm.EXIT_PREEMPTED):
+        print(f"  the trainer stopped with a checkpoint and the job was not requeued: continue "
+              f"with `binaryduo slurm submit {progress.run_dir / slurm.FROZEN_RECIPE} "
+              f"--output {progress.run_dir} ...`")
+    return EXIT_FAILED if failed else 0
+
+
+def _list_runs() -> int:
+    index = Path.cwd() / slurm.INDEX
+    entries = slurm.read_index(index)
+    if not entries:
+        print(f"no runs submitted from {Path.cwd()} (nothing in {slurm.INDEX})")
+        return 0
+    print(f"{'JOB':>8}  {'STATE':<11} {'RUN DIRECTORY':<40} PROGRESS")
+    for entry in entries:
+        run_dir = Path(entry["run_dir"])
+        if not run_dir.is_dir():
+            print(f"{entry.get('job_id', '?'):>8}  {'-':<11} {str(run_dir):<40} (removed)")
+            continue
+        progress = slurm.run_progress(run_dir)
+        job_id = progress.job_id or str(entry.get("job_id"))
+        job = slurm.query_job(job_id, attempts=progress.attempts)
+        shown = str(run_dir.relative_to(Path.cwd())) if run_dir.is_relative_to(Path.cwd()) \
+            else str(run_dir)
+        print(f"{job_id:>8}  {job.state:<11} {shown:<40} {progress.summary()}")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Adds ``slurm submit RECIPE ...`` and ``slurm status [RUN_DIR]`` to ``subparsers``."""
+    command = subparsers.add_parser(
+        "slurm", help="submit a recipe to Slurm, follow its job",
+        description="Renders slurm/binaryduo.sbatch for a recipe and submits it; reports a "
+                    "submitted run's job state and progress. See slurm/README.md.")
+    actions = command.add_subparsers(dest="slurm_action", required=True, metavar="ACTION")
+
+    submit = actions.add_parser(
+        "submit", help="freeze the recipe into a run directory and sbatch it",
+        description="Validates RECIPE (with --set), freezes the resolved recipe into "
+                    "RUN_DIR/slurm/recipe.yaml, renders the sbatch script (one task per GPU, "
+                    "SIGUSR1 --signal-lead seconds before the time limit, requeue, output "
+                    "appended in RUN_DIR) and submits it with `sbatch --parsable`.")
+    submit.add_argument("recipe", help="recipe YAML file")
+    submit.add_argument("--nodes", type=int, required=True, metavar="N")
+    submit.add_argument("--gpus-per-node", type=int, required=True, metavar="G",
+                        help="one training task per GPU; 0 for a CPU job (see --tasks-per-node)")
+    submit.add_argument("--tasks-per-node", type=int, metavar="T",
+                        help="CPU jobs: training processes per node (default 1)")
+    submit.add_argument("--cpus-per-task", type=int, metavar="C",
+                        help="CPU cores per task (DALI decoding threads + the training process)")
+    submit.add_argument("--partition", metavar="P")
+    submit.add_argument("--time", metavar="T", help="time limit, e.g. 2-00:00:00 or 90")
+    submit.add_argument("--account", metavar="A")
+    submit.add_argument("--signal-lead", type=int, default=slurm.DEFAULT_SIGNAL_LEAD,
+                        metavar="SECONDS",
+                        help="SIGUSR1 this long before the time limit: the trainer checkpoints "
+                             "and requeues the job (default %(default)s)")
+    submit.add_argument("--job-name", metavar="NAME", help="default: binaryduo-<recipe name>")
+    submit.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
+                        help="another sbatch option, verbatim, e.g. "
+                             "--sbatch-option=--constraint=a100 (repeatable)")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a recipe value (repeatable); frozen into the run")
+    submit.add_argument("--output", metavar="RUN_DIR",
+                        help="run directory (default: runs/<recipe>-<time>); an existing run "
+                             "of the same recipe is continued")
+    submit.add_argument("--tracking-uri", help="MLflow tracking URI for the job (default: "
+                                               "MLFLOW_TRACKING_URI, the recipe's, or sqlite "
+                                               "./mlflow.db in this directory)")
+    submit.add_argument("--smoke", action="store_true",
+                        help="train with --smoke (a few steps per stage)")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="print the script; write and submit nothing")
+    submit.set_defaults(handler=cmd_submit)
+
+    status = actions.add_parser(
+        "status", help="job state and training progress of a submitted run",
+        description="Job state (scontrol, sacct, or the run directory's records), completed "
+                    "stages, latest epoch and top-1, attempts; for a failed job its error. "
+                    "Exit status 1 when the job failed. Without RUN_DIR: the runs submitted "
+                    "from this directory.")
+    status.add_argument("run_dir", nargs="?", metavar="RUN_DIR")
+    status.set_defaults(handler=cmd_status)
+    return command
