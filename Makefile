@@ -17,6 +17,9 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install --quiet -e ".[test]" 2>&1 | sed "/is ignored/d"
 	# Real ImageNet/CIFAR photos for tests and benchmarks (data only: no dependencies needed).
 	$(PY) -m pip install --quiet --no-deps foolbox==3.3.4 2>&1 | sed "/is ignored/d"
+	# ImageNet's 1000 wnids in standard (sorted) index order: timm/data/_info/imagenet_synsets.txt
+	# (data only, never imported: `data prepare imagenet-val --labels index` and the tests read it).
+	$(PY) -m pip install --quiet --no-deps timm==1.0.31 2>&1 | sed "/is ignored/d"
 	# The demo dataset: Debian's Fashion-MNIST (binaryduo data prepare reads it).
 	test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; } || \
@@ -37,6 +40,7 @@ test: install
 bench: install
 	$(PY) benchmarks/quantizer_overhead.py
 	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/preresize.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,6 +4,8 @@ Public API (imported lazily, so ``import binaryduo.data`` does not load DALI)::
 
     LoaderSpec, build_loader, Loader, Batch, EvalBatch      # .pipelines (DALI)
     prepare_fashion_mnist, PrepareResult                    # .prepare   (numpy)
+    prepare_cifar10                                         # .cifar     (numpy)
+    prepare_imagenet_val, prepare_resized                   # .imagenet  (Pillow)
     check_dataset, DatasetReport, Problem                   # .check     (Pillow)
 
 This package knows images and labels, not models: it never imports binaryduo.models or
@@ -20,6 +22,8 @@ _EXPORTS = {
     "prepare_fashion_mnist": "prepare", "PrepareResult": "prepare",
     "FASHION_MNIST_CLASSES": "prepare", "FASHION_MNIST_DIR": "prepare",
     "SourceMissingError": "prepare", "DatasetExistsError": "prepare",
+    "prepare_cifar10": "cifar", "prepare_imagenet_val": "imagenet",
+    "prepare_resized": "imagenet",
     "check_dataset": "check", "DatasetReport": "check", "Problem": "check",
     "LayoutError": "layout", "detect_format": "layout",
     "ShardError": "shard", "read_manifest": "shard",

@@ -1,7 +1,195 @@
+"""Fixtures shared by every test folder: the real photos of the foolbox 3.3.4 wheel and the tiny
+datasets built from them at test time, in the formats the paper recipes read.
+
+- ``cifar10_batches``: a ``cifar-10-batches-py`` folder written in the exact format of the CIFAR-10
+  distribution (Python-2-compatible protocol-2 pickles of dicts with bytes keys, ``b'data'`` uint8
+  N x 3072 as R, G, B planes, ``b'labels'`` a list of ints; ``batches.meta`` with
+  ``b'label_names'``) from the 20 real CIFAR-10 test images in the wheel;
+  ``cifar10_shard``: it, prepared by ``binaryduo.data.cifar.prepare_cifar10``.
+- ``imagenet_val_source``: a flat ``ILSVRC2012_val_<k>.JPEG`` folder of the 20 real ImageNet
+  photos, its ground truth in ILSVRC2012_IDs, and a devkit-style ``meta.mat``. The real wnids and
+  their standard (sorted) order come from timm's ``imagenet_synsets.txt``; the devkit's ID order is
+  not available offline, so the ID -> wnid assignment in this ``meta.mat`` is a seeded permutation
+  (which is what the code must not confuse with the standard index).
+- ``imagenet_tree``-like ``imagenet_smoke_tree``: ``train/<wnid>/`` for all 1000 wnids (so the
+  ImageFolder index is the standard index; 19 hold photos, plus grey / CMYK / PNG-named-.JPEG
+  variants), ``val/`` built by ``prepare_imagenet_val`` from the flat folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+
+CIFAR10_LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                       "ship", "truck")
+CIFAR_PER_BATCH = 8  # images per data_batch_i (real files: 10,000)
 
 
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def foolbox_data() -> Path:
+    spec = importlib.util.find_spec("foolbox")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("foolbox 3.3.4 not installed (its wheel holds the real ImageNet photos): "
+                    "pip install --no-deps foolbox==3.3.4", pytrace=False)
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+@pytest.fixture(scope="session")
+def imagenet_photos(foolbox_data) -> list[tuple[Path, int]]:
+    """The 20 real ImageNet JPEGs with their true ImageNet class index, in file order."""
+    photos = []
+    for path in sorted(foolbox_data.glob("imagenet_*.jpg")):
+        match = re.fullmatch(r"imagenet_(\d+)_(\d+)\.jpg", path.name)
+        photos.append((path, int(match.group(2))))
+    assert len(photos) == 20, photos
+    return photos
+
+
+@pytest.fixture(scope="session")
+def cifar10_photos(foolbox_data) -> list[tuple[np.ndarray, int]]:
+    """The 20 real CIFAR-10 test images (uint8 32x32x3) with their labels, in file order."""
+    from PIL import Image
+    photos = []
+    for path in sorted(foolbox_data.glob("cifar10_*.png")):
+        label = int(re.fullmatch(r"cifar10_\d+_(\d)\.png", path.name).group(1))
+        with Image.open(path) as image:
+            photos.append((np.asarray(image.convert("RGB")), label))
+    assert len(photos) == 20 and photos[0][0].shape == (32, 32, 3)
+    return photos
+
+
+@pytest.fixture(scope="session")
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids in standard index order (timm's imagenet_synsets.txt)."""
+    from binaryduo.data.imagenet import timm_synsets_file
+    path = timm_synsets_file()
+    if path is None:
+        pytest.fail("timm not installed (its wheel holds imagenet_synsets.txt): "
+                    "pip install --no-deps timm==1.0.31", pytrace=False)
+    wnids = path.read_text().split()
+    assert len(wnids) == 1000 and wnids[0] == "n01440764"  # index 0 = tench
+    return wnids
+
+
+def write_cifar_batch(path: Path, images: np.ndarray, labels: list[int], batch_label: str) -> None:
+    """One batch file exactly as the CIFAR-10 python distribution stores it."""
+    data = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), 3072)
+    record = {b"batch_label": batch_label.encode(), b"labels": [int(x) for x in labels],
+              b"data": data, b"filenames": [f"img_{i:05d}.png".encode()
+                                            for i in range(len(images))]}
+    with open(path, "wb") as handle:
+        pickle.dump(record, handle, protocol=2)
+
+
+def cifar_train_order(count: int = 5 * CIFAR_PER_BATCH, photos: int = 20) -> list[int]:
+    """Which photo fills each training slot (data_batch_1 first): the 20 photos cycled."""
+    return [slot % photos for slot in range(count)]
+
+
+@pytest.fixture(scope="session")
+def cifar10_batches(cifar10_photos, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar-src") / "cifar-10-batches-py"
+    root.mkdir()
+    images = np.stack([p[0] for p in cifar10_photos])
+    labels = [p[1] for p in cifar10_photos]
+    order = cifar_train_order()
+    for batch in range(5):
+        slots = order[batch * CIFAR_PER_BATCH:(batch + 1) * CIFAR_PER_BATCH]
+        write_cifar_batch(root / f"data_batch_{batch + 1}", images[slots],
+                          [labels[i] for i in slots], f"training batch {batch + 1} of 5")
+    write_cifar_batch(root / "test_batch", images, labels, "testing batch 1 of 1")
+    with open(root / "batches.meta", "wb") as handle:
+        pickle.dump({b"num_cases_per_batch": CIFAR_PER_BATCH,
+                     b"label_names": [n.encode() for n in CIFAR10_LABEL_NAMES],
+                     b"num_vis": 3072}, handle, protocol=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar10_shard(cifar10_batches, tmp_path_factory) -> Path:
+    from binaryduo.data.cifar import prepare_cifar10
+    out = tmp_path_factory.mktemp("cifar") / "cifar10"
+    prepare_cifar10(cifar10_batches, out)
+    return out
+
+
+def write_devkit_meta(path: Path, wnids_by_id: list[str]) -> None:
+    """A ``meta.mat`` in the ILSVRC2012 devkit's structure: struct array ``synsets`` with
+    ILSVRC2012_ID 1..1000 for the leaves, then internal nodes (IDs > 1000) as the real file has."""
+    from scipy.io import savemat
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+              "wordnet_height", "num_train_images"]
+    internal = ["n00001740", "n00002137", "n00002684"]
+    synsets = np.zeros((len(wnids_by_id) + len(internal), 1),
+                       dtype=[(f, object) for f in fields])
+    for index, wnid in enumerate([*wnids_by_id, *internal]):
+        leaf = index < len(wnids_by_id)
+        synsets[index, 0] = (np.array([[index + 1]], dtype=np.uint16), wnid, f"words {wnid}",
+                             f"gloss {wnid}", np.array([[0 if leaf else 2]], dtype=np.uint8),
+                             np.zeros((1, 0 if leaf else 2), dtype=np.uint16),
+                             np.array([[0 if leaf else 1]], dtype=np.uint8),
+                             np.array([[1300 if leaf else 0]], dtype=np.uint16))
+    savemat(str(path), {"synsets": synsets})
+
+
+@pytest.fixture(scope="session")
+def imagenet_val_source(imagenet_photos, imagenet_wnids, tmp_path_factory):
+    """``(flat_dir, ground_truth_file, meta_mat, expected)``: ``expected[file name]`` is the true
+    standard class index of that validation image."""
+    root = tmp_path_factory.mktemp("ilsvrc-src")
+    flat = root / "ILSVRC2012_img_val"
+    flat.mkdir()
+    rng = np.random.default_rng(2012)
+    wnids_by_id = list(rng.permutation(imagenet_wnids))   # the devkit's ID order (here seeded)
+    id_of = {w: i + 1 for i, w in enumerate(wnids_by_id)}
+    order = rng.permutation(len(imagenet_photos))           # which photo is val image k
+    lines, expected = [], {}
+    for k, photo in enumerate(order, 1):
+        path, cls = imagenet_photos[photo]
+        name = f"ILSVRC2012_val_{k:08d}.JPEG"
+        shutil.copyfile(path, flat / name)
+        lines.append(str(id_of[imagenet_wnids[cls]]))
+        expected[name] = cls
+    lines += ["1", "1000"]  # two images the flat folder does not hold (a partial copy)
+    truth = root / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("\n".join(lines) + "\n")
+    meta = root / "meta.mat"
+    write_devkit_meta(meta, wnids_by_id)
+    return flat, truth, meta, expected
+
+
+@pytest.fixture(scope="session")
+def imagenet_smoke_tree(imagenet_photos, imagenet_wnids, imagenet_val_source, tmp_path_factory):
+    """An ImageNet ImageFolder tree (all 1000 wnid folders in train/, so labels are the standard
+    indices) of real photos, val/ made by ``prepare_imagenet_val``."""
+    from PIL import Image
+
+    from binaryduo.data.imagenet import prepare_imagenet_val
+    root = tmp_path_factory.mktemp("imagenet-smoke") / "imagenet"
+    for wnid in imagenet_wnids:
+        (root / "train" / wnid).mkdir(parents=True)
+    for number, (path, cls) in enumerate(imagenet_photos):
+        folder = root / "train" / imagenet_wnids[cls]
+        shutil.copyfile(path, folder / f"{number:02d}.JPEG")
+        if number < 2:  # oddities real ImageNet has: grey, CMYK, a PNG named .JPEG
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+            rgb.convert("L").save(folder / f"{number:02d}_gray.JPEG", format="JPEG", quality=90)
+            rgb.convert("CMYK").save(folder / f"{number:02d}_cmyk.JPEG", format="JPEG",
+                                     quality=90)
+            rgb.save(folder / f"{number:02d}_png.JPEG", format="PNG")
+    flat, truth, meta, _ = imagenet_val_source
+    prepare_imagenet_val(flat, truth, root / "val", synsets=meta, copy=True)
+    return root

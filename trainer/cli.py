@@ -179,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_data_commands(commands)
 
+    from .commands_compare import register as register_compare_commands
+
+    register_compare_commands(commands)
+
+    from .commands_slurm import register as register_slurm_commands
+
+    register_slurm_commands(commands)
+
     report = commands.add_parser(
         "report", help="model size (Mbit) and FLOPs by the paper's counting rules",
         description="Per-layer cost table of a registered model, or a summary of all of them.")
@@ -205,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     decoupling.add_argument("--json", action="store_true")
     decoupling.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE")
     decoupling.set_defaults(handler=cmd_analyze_decoupling)
+
+    from .commands_analysis import register as register_analysis_commands
+
+    register_analysis_commands(analyses)
     return parser
 
 

@@ -1,6 +1,11 @@
 """``binaryduo data ...``: prepare and check datasets.
 
     binaryduo data prepare fashion-mnist OUT [--source DIR] [--force]
+    binaryduo data prepare cifar10 --from DIR OUT [--force]
+    binaryduo data prepare imagenet-val --from FLAT_DIR --ground-truth FILE OUT
+                                        [--labels auto|ilsvrc2012-id|wnid|index] [--synsets FILE]
+                                        [--copy] [--force]
+    binaryduo data prepare resized SRC OUT --shorter-side S [--quality Q] [--workers N] [--force]
     binaryduo data check DIR [--no-decode] [--workers N] [--json]
 
 ``register(subparsers)`` adds the ``data`` command to the CLI's subparsers. Handlers return the
@@ -31,6 +36,59 @@ def cmd_prepare_fashion_mnist(args: argparse.Namespace) -> int:
         raise _usage_error(f"{args.out}: {error.strerror or error}") from None
     print(result.format())
     return 0
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse's own errors (a missing option, a bad choice) as the CLI's one
+    ``binaryduo: error: ...`` line, exit status 2 (instead of a usage block)."""
+    import sys
+
+    def error(message: str):
+        print(f"binaryduo: error: {parser.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+    parser.error = error
+    return parser
+
+
+def _prepare_errors():
+    from binaryduo.data.cifar import SourceFormatError
+    from binaryduo.data.imagenet import PrepareInputError
+    from binaryduo.data.prepare import DatasetExistsError, SourceMissingError
+    return (SourceMissingError, DatasetExistsError, SourceFormatError, PrepareInputError)
+
+
+def _run_prepare(out: str, call):
+    """Runs a preparation; its input errors and unusable output paths become one-line usage
+    errors (each preparation checks its inputs before writing anything)."""
+    try:
+        result = call()
+    except _prepare_errors() as error:
+        raise _usage_error(" ".join(str(error).split())) from None
+    except (NotADirectoryError, PermissionError) as error:
+        raise _usage_error(f"{out}: {error.strerror or error}") from None
+    print(result.format())
+    return 0
+
+
+def cmd_prepare_cifar10(args: argparse.Namespace) -> int:
+    from binaryduo.data.cifar import prepare_cifar10
+    return _run_prepare(args.out, lambda: prepare_cifar10(args.source, args.out, force=args.force))
+
+
+def cmd_prepare_imagenet_val(args: argparse.Namespace) -> int:
+    from binaryduo.data.imagenet import prepare_imagenet_val
+    return _run_prepare(args.out, lambda: prepare_imagenet_val(
+        args.source, args.ground_truth, args.out, labels=args.labels, synsets=args.synsets,
+        copy=args.copy, force=args.force))
+
+
+def cmd_prepare_resized(args: argparse.Namespace) -> int:
+    from binaryduo.data.imagenet import prepare_resized
+    if args.workers is not None and args.workers < 1:
+        raise _usage_error(f"--workers {args.workers}: must be >= 1")
+    return _run_prepare(args.out, lambda: prepare_resized(
+        args.source, args.out, shorter_side=args.shorter_side, quality=args.quality,
+        workers=args.workers, force=args.force))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -70,6 +128,59 @@ def register(subparsers) -> argparse.ArgumentParser:
                          help=f"folder of the idx .gz files (default {FASHION_MNIST_DIR})")
     fashion.add_argument("--force", action="store_true", help="rebuild even if OUT is complete")
     fashion.set_defaults(handler=cmd_prepare_fashion_mnist)
+
+    cifar = one_line_errors(datasets.add_parser(
+        "cifar10", help="CIFAR-10 from the cifar-10-batches-py pickles",
+        description="Converts the unpacked cifar-10-python.tar.gz (data_batch_1..5, test_batch, "
+                    "batches.meta) into a numpy shard dataset in OUT (train 50,000 / val 10,000, "
+                    "32x32x3, pixel-exact); a no-op when OUT is already complete."))
+    cifar.add_argument("--from", dest="source", required=True, metavar="DIR",
+                       help="the cifar-10-batches-py folder")
+    cifar.add_argument("out", metavar="OUT", help="output directory (created atomically)")
+    cifar.add_argument("--force", action="store_true", help="rebuild even if OUT is complete")
+    cifar.set_defaults(handler=cmd_prepare_cifar10)
+
+    val = one_line_errors(datasets.add_parser(
+        "imagenet-val", help="the flat ILSVRC2012 validation folder into wnid class folders",
+        description="Hard-links (or copies) ILSVRC2012_val_<k>.JPEG from FLAT_DIR into "
+                    "OUT/<wnid>/ by line k of the ground-truth file; use OUT as $IMAGENET_DIR/val. "
+                    "Class indices then follow the standard sorted-wnid order. Ground truth: "
+                    "ilsvrc2012-id = the devkit's 1-based IDs (needs --synsets meta.mat: the IDs "
+                    "are NOT the sorted-wnid index), wnid = one wnid per line, index = 0-based "
+                    "standard indices (--synsets: 1000 sorted wnids; default timm's list); auto "
+                    "tells wnids from integers (integers = ilsvrc2012-id). Source files are never "
+                    "moved or modified."))
+    val.add_argument("--from", dest="source", required=True, metavar="FLAT_DIR",
+                     help="folder of ILSVRC2012_val_00000001.JPEG ...")
+    val.add_argument("--ground-truth", required=True, metavar="FILE",
+                     help="one label per line, line k for image k")
+    val.add_argument("out", metavar="OUT", help="output directory (created atomically)")
+    val.add_argument("--labels", default="auto", choices=("auto", "ilsvrc2012-id", "wnid", "index"),
+                     help="what the ground-truth lines are (default: auto)")
+    val.add_argument("--synsets", metavar="FILE",
+                     help="ilsvrc2012-id: the devkit's data/meta.mat or 1000 wnids in ID order; "
+                          "index: 1000 wnids in sorted order (default: timm's "
+                          "imagenet_synsets.txt)")
+    val.add_argument("--copy", action="store_true",
+                     help="copy the images (default: hard links, same file system only)")
+    val.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    val.set_defaults(handler=cmd_prepare_imagenet_val)
+
+    resized = one_line_errors(datasets.add_parser(
+        "resized", help="a copy of an image tree with the shorter side cut to S pixels",
+        description="Copies the ImageFolder or file-list tree SRC to OUT with every image whose "
+                    "shorter side exceeds S re-encoded at shorter side S (JPEG quality Q; EXIF "
+                    "orientation applied, CMYK -> RGB); smaller or undecodable files are copied "
+                    "unchanged. Cuts decode time on data-bound clusters; random-resized-crop then "
+                    "samples from at most S pixels."))
+    resized.add_argument("source", metavar="SRC", help="dataset tree (train/ val/ or *.txt lists)")
+    resized.add_argument("out", metavar="OUT", help="output directory (created atomically)")
+    resized.add_argument("--shorter-side", type=int, required=True, metavar="S",
+                         help="e.g. 256 (the val preset's resize target) or 160")
+    resized.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality")
+    resized.add_argument("--workers", type=int, default=None, help="threads (default: CPUs)")
+    resized.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    resized.set_defaults(handler=cmd_prepare_resized)
 
     check = actions.add_parser(
         "check", help="find empty classes, missing splits, broken or truncated images",

@@ -16,31 +16,19 @@ def demo_recipe_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "recipes" / "demo"
 
 
-def _latest_parent(client, experiment_id: str, recipe: str):
-    runs = client.search_runs([experiment_id],
-                              filter_string=f"tags.recipe = '{recipe}' and tags.smoke = 'false'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags
-               and r.info.status == "FINISHED"]
-    if not parents:
-        raise RuntimeError(f"no finished MLflow run of recipe {recipe!r}")
-    return parents[0]
-
-
 def demo_table(uri: str, experiment: str = "binaryduo") -> str:
-    """Top-1 of BNN, coupled, decoupled before / after fine-tuning, Mbit and FLOPs, from MLflow."""
-    from mlflow.tracking import MlflowClient
+    """Top-1 of BNN, coupled, decoupled before / after fine-tuning, Mbit and FLOPs, from MLflow
+    (read with :mod:`.compare`, which ``binaryduo compare`` uses for every recipe)."""
+    from .compare import experiment_id, latest_parent, open_store, stage_metrics
 
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    client = open_store(uri)
+    experiment_id_ = experiment_id(client, experiment)
 
-    def stages(parent):
-        children = client.search_runs(
-            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        return {run.data.tags["stage"]: run.data.metrics for run in children}
+    def stages(recipe: str) -> dict[str, dict[str, float]]:
+        return stage_metrics(client, experiment_id_, latest_parent(client, experiment_id_, recipe))
 
-    bnn = stages(_latest_parent(client, experiment_id, "fashion_mnist_vgg7_bnn"))["bnn"]
-    duo = stages(_latest_parent(client, experiment_id, "fashion_mnist_vgg7_binaryduo"))
+    bnn = stages("fashion_mnist_vgg7_bnn")["bnn"]
+    duo = stages("fashion_mnist_vgg7_binaryduo")
     coupled, finetune = duo["coupled"], duo["finetune"]
     rows = [
         ("BNN (binary activations)", bnn["val_top1"], bnn["mbit"], bnn["mflops"]),
@@ -73,5 +61,6 @@ def run_demo(*, output: str, tracking_uri: str | None) -> int:
             return done.returncode
     print()
     print(demo_table(uri))
-    print(f"\nopen the MLflow record: mlflow ui --backend-store-uri {uri}")
+    print(f"\nall runs of the store: binaryduo compare --tracking-uri {uri}")
+    print(f"open the MLflow record: mlflow ui --backend-store-uri {uri}")
     return 0

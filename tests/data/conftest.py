@@ -1,10 +1,9 @@
 """Shared fixtures of the data tests: real Fashion-MNIST (Debian package) and real ImageNet photos
-(the foolbox 3.3.4 wheel), plus trees built from them at test time. Nothing is mocked."""
+(the foolbox 3.3.4 wheel: ``foolbox_data`` and ``imagenet_photos`` live in tests/conftest.py), plus
+trees built from them at test time. Nothing is mocked."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
-import re
 import shutil
 from pathlib import Path
 
@@ -66,26 +65,6 @@ def fashion_mnist_root(fashion_mnist_source, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fmnist") / "fashion-mnist"
     prepare_fashion_mnist(out, source_dir=fashion_mnist_source)
     return out
-
-
-@pytest.fixture(scope="session")
-def foolbox_data() -> Path:
-    spec = importlib.util.find_spec("foolbox")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("foolbox 3.3.4 not installed (its wheel holds the real ImageNet photos): "
-                    "pip install --no-deps foolbox==3.3.4", pytrace=False)
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
-
-
-@pytest.fixture(scope="session")
-def imagenet_photos(foolbox_data) -> list[tuple[Path, int]]:
-    """The 20 real ImageNet JPEGs with their true ImageNet class index, in file order."""
-    photos = []
-    for path in sorted(foolbox_data.glob("imagenet_*.jpg")):
-        match = re.fullmatch(r"imagenet_(\d+)_(\d+)\.jpg", path.name)
-        photos.append((path, int(match.group(2))))
-    assert len(photos) == 20, photos
-    return photos
 
 
 def class_folder(imagenet_class: int) -> str:

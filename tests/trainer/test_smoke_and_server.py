@@ -18,19 +18,32 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=str)
-def test_smoke_every_recipe(recipe, tmp_path, fashion_mnist, run_binaryduo):
+def test_smoke_every_recipe(recipe, smoke_store):
+    """Every shipped recipe runs end to end (--smoke) on a tiny dataset in its own format."""
     import yaml
 
-    preset = yaml.safe_load((REPO / recipe).read_text())["data"]["preset"]
-    if preset != "small":
-        pytest.fail(f"no tiny test dataset for preset {preset!r} yet: add one for {recipe}")
-    result = run_binaryduo("train", REPO / recipe, "--smoke", "--output", "smoke",
-                           "--set", f"data.root={fashion_mnist}", cwd=tmp_path)
-    assert "open the record" in result.stdout
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("binaryduo").experiment_id])
-    assert all(r.info.status == "FINISHED" for r in runs)
+    run = smoke_store(recipe)
+    print(f"smoke {recipe}: {run.seconds:.1f} s")
+    assert "open the record" in run.stdout
+    client = MlflowClient(tracking_uri=smoke_store.uri)
+    experiment = client.get_experiment_by_name("binaryduo").experiment_id
+    runs = client.search_runs([experiment], f"tags.recipe = '{run.name}-smoke'")
+    assert runs and all(r.info.status == "FINISHED" for r in runs)
     assert {r.data.tags["smoke"] for r in runs} == {"true"}
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    shipped = yaml.safe_load((REPO / recipe).read_text())
+    assert len(stages) == len(runs) - 1 == len(shipped["stages"])
+    assert parent.data.params["model.name"] == shipped["model"]["name"]
+    for key, value in shipped["model"].get("options", {}).items():
+        assert parent.data.params[f"model.options.{key}"] == str(value)  # e.g. weight bits
+    if run.env:  # the ${VAR} reference resolved to the tiny tree
+        assert parent.data.params["data.root"] == next(iter(run.env.values()))
+    for stage in stages:
+        assert 0.0 <= stage.data.metrics["val_top1"] <= 100.0
+        assert stage.data.metrics["mbit"] > 0
 
 
 @pytest.fixture
