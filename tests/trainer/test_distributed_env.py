@@ -15,31 +15,30 @@ def test_first_host_of_a_slurm_node_list(nodelist, first):
     assert distributed.first_host(nodelist) == first
 
 
-def test_slurm_tasks_become_ranks_with_master_on_the_first_node(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[03-06]")
-    monkeypatch.setenv("SLURM_JOB_ID", "123456")
-    distributed._fill_rendezvous_environment()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
-    assert os.environ["MASTER_ADDR"] == "gpu03"
-    assert os.environ["MASTER_PORT"] == str(15000 + 123456 % 20000)
+@pytest.fixture
+def environ(monkeypatch):
+    """A private os.environ: what the function sets must not leak into later subprocesses."""
+    env: dict[str, str] = {}
+    monkeypatch.setattr(distributed.os, "environ", env)
+    return env
 
 
-def test_launcher_variables_win_over_slurm(monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+def test_slurm_tasks_become_ranks_with_master_on_the_first_node(environ):
+    environ.update(SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1",
+                   SLURM_JOB_NODELIST="gpu[03-06]", SLURM_JOB_ID="123456")
     distributed._fill_rendezvous_environment()
-    assert (os.environ["RANK"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == \
+    assert (environ["RANK"], environ["WORLD_SIZE"], environ["LOCAL_RANK"]) == ("5", "8", "1")
+    assert environ["MASTER_ADDR"] == "gpu03"
+    assert environ["MASTER_PORT"] == str(15000 + 123456 % 20000)
+
+
+def test_launcher_variables_win_over_slurm(environ):
+    environ.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="10.0.0.1",
+                   MASTER_PORT="29500", SLURM_PROCID="3", SLURM_NTASKS="4")
+    distributed._fill_rendezvous_environment()
+    assert (environ["RANK"], environ["MASTER_ADDR"], environ["MASTER_PORT"]) == \
         ("0", "10.0.0.1", "29500")
+    assert "RANK" not in os.environ or os.environ["RANK"] != "3"
 
 
 def test_signals_only_set_a_flag_and_usr1_means_requeue():
