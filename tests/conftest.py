@@ -27,9 +27,58 @@ import numpy as np
 import pytest
 import torch
 
+from binaryduo.data.prepare import FASHION_MNIST_DIR, prepare_fashion_mnist
+
 CIFAR10_LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                        "ship", "truck")
 CIFAR_PER_BATCH = 8  # images per data_batch_i (real files: 10,000)
+
+
+#: A two-stage BinaryDuo recipe on Fashion-MNIST small enough for a test (DATA: the dataset root):
+#: 2 coupled + 1 fine-tune epochs of 16 steps.
+TINY_RECIPE = """\
+name: tiny-duo
+seed: 7
+model:
+  name: vgg7
+  options: {width_mult: 0.25, num_classes: 10, in_channels: 1}
+data:
+  root: DATA
+  preset: small
+  channels: 1
+  batch_size: 64
+  train_subset: 1024
+  val_subset: 101
+logging: {every_steps: 4}
+stages:
+  - name: coupled
+    variant: coupled
+    epochs: 2
+    optimizer: {lr: 0.05}
+    schedule: {kind: step, milestones: [2]}
+  - name: finetune
+    variant: decoupled
+    transition: decouple
+    init_from: previous
+    epochs: 1
+    optimizer: {lr: 0.01}
+    schedule: {kind: cosine}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_text() -> str:
+    return TINY_RECIPE
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist(tmp_path_factory):
+    if not Path(FASHION_MNIST_DIR).is_dir():
+        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist "
+                    "(make install does it)")
+    root = tmp_path_factory.mktemp("datasets") / "fashion-mnist"
+    prepare_fashion_mnist(root)
+    return root
 
 
 @pytest.fixture

@@ -268,18 +268,6 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def fashion_mnist(tmp_path_factory):
-    from binaryduo.data.prepare import FASHION_MNIST_DIR, prepare_fashion_mnist
-
-    if not Path(FASHION_MNIST_DIR).is_dir():
-        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist "
-                    "(make install does it)")
-    root = tmp_path_factory.mktemp("slurm-datasets") / "fashion-mnist"
-    prepare_fashion_mnist(root)
-    return root
-
-
-@pytest.fixture(scope="session")
 def binaryduo():
     """Runs the installed ``binaryduo`` in a real process (with the session's SLURM_CONF)."""
     def run(*args, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:

@@ -59,34 +59,6 @@ done
 exit 0
 """
 
-TINY_RECIPE = """\
-name: tiny-slurm
-seed: 7
-model:
-  name: vgg7
-  options: {width_mult: 0.25, num_classes: 10, in_channels: 1}
-data:
-  root: DATA
-  preset: small
-  channels: 1
-  batch_size: 64
-  train_subset: 1024
-  val_subset: 101
-logging: {every_steps: 4}
-stages:
-  - name: coupled
-    variant: coupled
-    epochs: 2
-    optimizer: {lr: 0.05}
-    schedule: {kind: step, milestones: [2]}
-  - name: finetune
-    variant: decoupled
-    transition: decouple
-    init_from: previous
-    epochs: 1
-    optimizer: {lr: 0.01}
-    schedule: {kind: cosine}
-"""
 
 
 def _fake_trainer(directory: Path) -> Path:
@@ -173,9 +145,10 @@ def test_a_failing_rank_ends_the_job_promptly_and_status_reports_it(slurm_cluste
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, fashion_mnist):
+def workdir(tmp_path_factory, fashion_mnist, tiny_recipe_text):
     path = tmp_path_factory.mktemp("slurm-submit")
-    (path / "tiny.yaml").write_text(TINY_RECIPE.replace("DATA", str(fashion_mnist)))
+    (path / "tiny.yaml").write_text(tiny_recipe_text.replace("name: tiny-duo", "name: tiny-slurm")
+                                    .replace("DATA", str(fashion_mnist)))
     return path
 
 
@@ -300,10 +273,11 @@ def test_a_preempted_job_requeues_and_ends_like_an_uninterrupted_one(
 
 
 def test_a_job_whose_data_vanished_fails_and_status_shows_the_error(slurm_cluster, workdir,
-                                                                    fashion_mnist, binaryduo):
+                                                                    fashion_mnist, binaryduo,
+                                                                    tiny_recipe_text):
     link = workdir / "data-link"
     link.symlink_to(fashion_mnist)
-    (workdir / "vanishing.yaml").write_text(TINY_RECIPE.replace("DATA", str(link)))
+    (workdir / "vanishing.yaml").write_text(tiny_recipe_text.replace("DATA", str(link)))
     done = binaryduo("slurm", "submit", "vanishing.yaml", "--nodes", "1", "--gpus-per-node", "0",
                      "--tasks-per-node", "2", "--output", "runs/vanishing", "--smoke",
                      "--sbatch-option=--hold", cwd=workdir)

@@ -94,14 +94,13 @@ def _record(uri: str, out: Path, last_stage: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, fashion_mnist):
+def runs(tmp_path_factory, fashion_mnist, tiny_recipe_text):
     """A full-precision recipe on 1 process and on 2 torchrun ranks (same global batch 64), and
     the tiny BinaryDuo recipe (coupled -> decouple -> fine-tune) on 2 torchrun ranks."""
-    from .conftest import TINY_RECIPE
     root = tmp_path_factory.mktemp("launchers")
     fp, duo = root / "fp.yaml", root / "duo.yaml"
     fp.write_text(FP_RECIPE.replace("DATA", str(fashion_mnist)))
-    duo.write_text(TINY_RECIPE.replace("DATA", str(fashion_mnist)))
+    duo.write_text(tiny_recipe_text.replace("DATA", str(fashion_mnist)))
     result = {"fp": fp, "duo": duo, "root": root}
     uri = f"sqlite:///{root}/one.db"
     _run_binaryduo("train", fp, "--tracking-uri", uri, "--output", root / "one", cwd=root,
