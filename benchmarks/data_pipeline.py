@@ -9,7 +9,12 @@ Timing covers whole epochs as a training loop sees them (for DALI including the 
 pipeline build, for the DataLoader with persistent workers), after one warm-up epoch each; the
 runs are interleaved A B A B and the median images/s is reported, together with images per
 CPU-second of the whole process tree (DataLoader workers included), which stays meaningful when
-other programs compete for the cores. Target: DALI >= 1.3x.
+other programs compete for the cores, and the time to each epoch's first batch (for DALI the
+pipeline build: ~1.7 s on a GPU, so use epochs of thousands of images there). Target: DALI >= 1.3x.
+
+With CUDA present DALI decodes with ``mixed`` (nvJPEG) and delivers CUDA tensors; the DataLoader
+pins its batches and the loop copies them to the GPU, as a training loop would; both synchronize
+before a time is read.
 
 By default two trees are built in a temporary directory from the 20 real ImageNet photos in the
 foolbox 3.3.4 wheel (``pip install --no-deps foolbox==3.3.4``; 19 of 512x512, one of 1024x683),
@@ -77,8 +82,15 @@ def dali_epochs(root: Path, train: bool, batch: int, workers: int):
     loader = build_loader(LoaderSpec(root, preset="imagenet", batch_size=batch,
                                      num_threads=workers), train=train, seed=0)
 
-    def epoch() -> int:
-        return sum(len(b[1]) for b in loader)
+    def epoch() -> tuple[int, float]:
+        start, n, first = time.perf_counter(), 0, None
+        for batch in loader:
+            n += len(batch[1])
+            if first is None:  # includes building this epoch's pipeline (ordered file list)
+                synchronize()
+                first = time.perf_counter() - start
+        synchronize()
+        return n, first
     return epoch
 
 
@@ -93,13 +105,29 @@ def torchvision_epochs(root: Path, train: bool, batch: int, workers: int):
         transform = transforms.Compose([
             transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize])
     dataset = datasets.ImageFolder(str(root / ("train" if train else "val")), transform)
+    cuda = torch.cuda.is_available()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, shuffle=train, drop_last=train, num_workers=workers,
-        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+        persistent_workers=workers > 0, pin_memory=cuda,
+        generator=torch.Generator().manual_seed(0))
 
-    def epoch() -> int:
-        return sum(len(labels) for _, labels in loader)
+    def epoch() -> tuple[int, float]:
+        start, n, first = time.perf_counter(), 0, None
+        for images, labels in loader:
+            if cuda:  # where DALI's GPU pipeline delivers its batches, as a training loop would
+                images = images.cuda(non_blocking=True)
+            n += len(labels)
+            if first is None:
+                synchronize()
+                first = time.perf_counter() - start
+        synchronize()
+        return n, first
     return epoch
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def cpu_seconds() -> float:
@@ -120,22 +148,24 @@ def cpu_seconds() -> float:
     return total / tick
 
 
-def measure(root: Path, train: bool, args) -> dict[str, tuple[float, float]]:
-    """Per loader: (median images/s, median images per CPU-second)."""
+def measure(root: Path, train: bool, args) -> dict[str, tuple[float, float, float]]:
+    """Per loader: (median images/s, median images per CPU-second, median first-batch s)."""
     runners = {"dali": dali_epochs(root, train, args.batch, args.workers),
                "torchvision": torchvision_epochs(root, train, args.batch, args.workers)}
     for run in runners.values():
         run()  # warm-up: worker start, page cache, first pipeline build
     rates = {name: [] for name in runners}
     efficiency = {name: [] for name in runners}
+    first = {name: [] for name in runners}
     for _ in range(args.epochs):
         for name, run in runners.items():
             start, cpu = time.perf_counter(), cpu_seconds()
-            n = run()
+            n, first_batch = run()
             rates[name].append(n / (time.perf_counter() - start))
             efficiency[name].append(n / max(cpu_seconds() - cpu, 1e-9))
-    return {name: (statistics.median(rates[name]), statistics.median(efficiency[name]))
-            for name in runners}
+            first[name].append(first_batch)
+    return {name: (statistics.median(rates[name]), statistics.median(efficiency[name]),
+                   statistics.median(first[name])) for name in runners}
 
 
 def main(argv=None) -> int:
@@ -157,7 +187,8 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} CPU cores, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"median of {args.epochs} epochs")
     print(f"{'tree':<12} {'files':>5} {'split':<6} {'DALI img/s':>11} {'torchvision':>12} "
-          f"{'ratio':>6}   {'DALI img/CPU-s':>14} {'torchvision':>12} {'ratio':>6}")
+          f"{'ratio':>6}   {'DALI img/CPU-s':>14} {'torchvision':>12} {'ratio':>6}   "
+          f"{'1st batch s DALI/tv':>19}")
     with tempfile.TemporaryDirectory(prefix="binaryduo-bench-") as tmp:
         if args.root is not None:
             trees = [("given", args.root)]
@@ -171,10 +202,12 @@ def main(argv=None) -> int:
             for split in splits:
                 files = sum(1 for p in (root / split).rglob("*") if p.is_file())
                 result = measure(root, split == "train", args)
-                (dali, dali_eff), (tv, tv_eff) = result["dali"], result["torchvision"]
+                (dali, dali_eff, dali_first), (tv, tv_eff, tv_first) = (
+                    result["dali"], result["torchvision"])
                 print(f"{kind:<12} {files:>5} {split:<6} {dali:>11.0f} {tv:>12.0f} "
                       f"{dali / tv:>5.2f}x   {dali_eff:>14.0f} {tv_eff:>12.0f} "
-                      f"{dali_eff / tv_eff:>5.2f}x", flush=True)
+                      f"{dali_eff / tv_eff:>5.2f}x   {dali_first:>9.2f}/{tv_first:<9.2f}",
+                      flush=True)
         load = os.getloadavg()[0]
         if load > args.workers + 1.5:
             print(f"note: load average {load:.1f} on {os.cpu_count()} cores: other programs "

@@ -60,6 +60,8 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
     if resume is not None and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such run directory")
 
+    import torch
+
     from . import stages
     from .distributed import broadcast_object, init_distributed, teardown
     from .engine import resolve_dtype
@@ -77,8 +79,12 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
         digest = recipe_hash(resolved)
         version = code_version()
         uri = resolve_tracking_uri(tracking_uri, recipe.logging.tracking_uri)
+        dtype = resolve_dtype(recipe.precision, ctx.device)
+        # what `auto` resolved to on this machine, so runs from CPU and GPU compare honestly
         tags = {"code_version": f"{version['git_sha']}{'-dirty' if version['git_dirty'] else ''}",
                 "world_size": str(ctx.world_size), "hardware": hardware(ctx.world_size)["device"],
+                "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+                "dist_backend": str(torch.distributed.get_backend()),
                 "recipe": recipe.name, "recipe_hash": digest, "smoke": str(smoke).lower()}
         if ctx.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +95,6 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
                 "recipe_file": str(recipe_path), "overrides": list(overrides), "smoke": smoke,
                 "command": sys.argv}, indent=2))
         tracker = Tracker(uri, recipe.logging.experiment, enabled=ctx.is_main)
-        dtype = resolve_dtype(recipe.precision, ctx.device)
         feed = DataFeed(recipe.data, ctx, smoke=smoke)
         try:
             results = stages.run_recipe(recipe, ctx=ctx, output_dir=output_dir, tracker=tracker,
