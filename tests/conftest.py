@@ -18,9 +18,12 @@ datasets built from them at test time, in the formats the paper recipes read.
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +245,32 @@ def imagenet_smoke_tree(imagenet_photos, imagenet_wnids, imagenet_val_source, tm
     flat, truth, meta, _ = imagenet_val_source
     prepare_imagenet_val(flat, truth, root / "val", synsets=meta, copy=True)
     return root
+
+
+# ------------------------------------------------------------------ the installed command
+
+BIN = Path(sys.executable).with_name("binaryduo")
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, fashion_mnist, tiny_recipe_text):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_recipe_text.replace("DATA", str(fashion_mnist)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def run_binaryduo():
+    """Runs the installed ``binaryduo`` command in a real process (the CPU/gloo path)."""
+    return _run_binaryduo
+
+
+def _run_binaryduo(*args, cwd, env=None, timeout=600, check=True):
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run([str(BIN), *map(str, args)], cwd=cwd, env=full_env, text=True,
+                            capture_output=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"binaryduo {' '.join(map(str, args))} exited {result.returncode}\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result

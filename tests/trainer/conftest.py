@@ -1,39 +1,8 @@
-import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-BIN = Path(sys.executable).with_name("binaryduo")
-
-
-
-@pytest.fixture
-def tiny_recipe(tmp_path, fashion_mnist, tiny_recipe_text):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(tiny_recipe_text.replace("DATA", str(fashion_mnist)))
-    return path
-
-
-@pytest.fixture
-def run_binaryduo():
-    """Runs the installed ``binaryduo`` command in a real process (the CPU/gloo path)."""
-    return _run_binaryduo
-
-
-def _run_binaryduo(*args, cwd, env=None, timeout=600, check=True):
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([str(BIN), *map(str, args)], cwd=cwd, env=full_env, text=True,
-                            capture_output=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"binaryduo {' '.join(map(str, args))} exited {result.returncode}\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
 
 # ------------------------------------------------------------------------------ shipped recipes
 
@@ -81,7 +50,7 @@ def smoke_plan(recipe: Path, request) -> tuple[dict, list[str]]:
 
 
 @pytest.fixture(scope="session")
-def smoke_store(tmp_path_factory, request):
+def smoke_store(tmp_path_factory, request, run_binaryduo):
     """``smoke_store(recipe)`` runs a shipped recipe with ``--smoke`` (once per session) in a real
     process, into one MLflow store shared by all of them (``smoke_store.uri``): the smoke tests
     and ``compare`` read the same real runs."""
@@ -98,7 +67,7 @@ def smoke_store(tmp_path_factory, request):
             name = yaml.safe_load((REPO / recipe).read_text())["name"]
             overrides = [arg for item in sets for arg in ("--set", item)]
             started = time.monotonic()
-            result = _run_binaryduo("train", REPO / recipe, "--smoke", "--output",
+            result = run_binaryduo("train", REPO / recipe, "--smoke", "--output",
                                     root / "runs" / name, "--tracking-uri", uri, *overrides,
                                     cwd=root, env=env)
             done[recipe] = SmokeRun(recipe, name, env, sets, result.stdout,

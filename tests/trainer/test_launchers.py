@@ -14,7 +14,6 @@ import mlflow
 import pytest
 import torch
 
-from .conftest import _run_binaryduo
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +93,7 @@ def _record(uri: str, out: Path, last_stage: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, fashion_mnist, tiny_recipe_text):
+def runs(tmp_path_factory, fashion_mnist, tiny_recipe_text, run_binaryduo):
     """A full-precision recipe on 1 process and on 2 torchrun ranks (same global batch 64), and
     the tiny BinaryDuo recipe (coupled -> decouple -> fine-tune) on 2 torchrun ranks."""
     root = tmp_path_factory.mktemp("launchers")
@@ -103,7 +102,7 @@ def runs(tmp_path_factory, fashion_mnist, tiny_recipe_text):
     duo.write_text(tiny_recipe_text.replace("DATA", str(fashion_mnist)))
     result = {"fp": fp, "duo": duo, "root": root}
     uri = f"sqlite:///{root}/one.db"
-    _run_binaryduo("train", fp, "--tracking-uri", uri, "--output", root / "one", cwd=root,
+    run_binaryduo("train", fp, "--tracking-uri", uri, "--output", root / "one", cwd=root,
                    env=_env())
     result["one"] = _record(uri, root / "one", "fp")
     uri = f"sqlite:///{root}/two.db"
