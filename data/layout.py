@@ -63,14 +63,25 @@ def class_names(split_dir: Path) -> list[str]:
                   if entry.is_dir() and not entry.name.startswith("."))
 
 
-def list_class_files(class_dir: Path) -> list[str]:
-    """Image files under one class folder (recursively, hidden entries skipped), sorted."""
-    found = []
+def scan_class_dir(class_dir: Path) -> tuple[list[str], int]:
+    """``(image files, count of other files)`` under one class folder (recursively, hidden
+    entries skipped; images sorted): one directory walk for the listing and ``data check``."""
+    found, others = [], 0
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in filenames
-                     if not f.startswith(".") and is_image_name(f))
-    return sorted(found)
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if is_image_name(name):
+                found.append(os.path.join(dirpath, name))
+            else:
+                others += 1
+    return sorted(found), others
+
+
+def list_class_files(class_dir: Path) -> list[str]:
+    """Image files under one class folder (recursively, hidden entries skipped), sorted."""
+    return scan_class_dir(class_dir)[0]
 
 
 def list_imagefolder(root: str | Path, split: str) -> FileSplit:

@@ -58,6 +58,7 @@ would throw away.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -92,6 +93,10 @@ class LoaderSpec:
                  None = the preset's default (see the module docstring)
     drop_last:   train only: drop the last partial batch (equal on every rank either way)
     augment:     train only: the preset's random augmentation; False = the eval transform
+    exclude:     file formats: image paths (relative to ``root``, or absolute) left out of the
+                 split before anything else (subset, sharding): the unreadable files a
+                 ``data.skip_unreadable`` run skips. Give every rank the same set, and the shards
+                 stay equal. Not for shards.
     """
     root: str | Path
     format: str = "auto"
@@ -105,8 +110,11 @@ class LoaderSpec:
     std: tuple[float, ...] | None = None
     drop_last: bool = True
     augment: bool = True
+    exclude: frozenset[str] = frozenset()
 
     def __post_init__(self):
+        if not isinstance(self.exclude, frozenset):
+            object.__setattr__(self, "exclude", frozenset(str(p) for p in self.exclude))
         if self.format not in FORMATS:
             raise ValueError(f"format {self.format!r}: expected one of {FORMATS}")
         if self.preset not in PRESETS:
@@ -174,6 +182,8 @@ class Loader:
         self.split = "train" if train else "val"
         self.format = detect_format(spec.root) if spec.format == "auto" else spec.format
         if self.format == "shard":
+            if spec.exclude:
+                raise ValueError(f"{spec.root}: exclude lists files, a shard has none")
             manifest = read_manifest(spec.root)
             self._images, labels = manifest.load_split(self.split)
             self._files = None
@@ -183,8 +193,12 @@ class Loader:
         else:
             listing: FileSplit = list_split(spec.root, self.split, self.format)
             self._images, self._files, labels = None, listing.files, listing.labels
+            if spec.exclude:
+                self._files, labels = _without(listing, spec.root, spec.exclude, self.split)
             self.classes = listing.classes
             stored, stats = 3, None
+        #: images of the split left out by ``spec.exclude``
+        self.excluded = 0 if self._files is None else len(listing.files) - len(self._files)
         self.labels = np.asarray(labels, dtype=np.int64)  # of every sample, by dataset index
         self.channels = spec.channels or stored
         self._stored_channels = stored
@@ -463,6 +477,18 @@ class Loader:
             pipe.set_outputs(images, labels.gpu() if gpu else labels)
         pipe.build()
         return pipe
+
+
+def _without(listing: FileSplit, root, exclude: frozenset[str],
+             split: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """``listing``'s files and labels minus ``exclude`` (paths relative to ``root``)."""
+    base = os.path.abspath(root)
+    drop = {os.path.normpath(os.path.join(base, path)) for path in exclude}
+    keep = np.fromiter((os.path.normpath(f) not in drop for f in listing.files), dtype=bool,
+                       count=len(listing.files))
+    if not keep.any():
+        raise LayoutError(f"{root}: every {split} image is excluded (unreadable)")
+    return tuple(f for f, k in zip(listing.files, keep) if k), listing.labels[keep]
 
 
 def _to_torch(batch) -> torch.Tensor:

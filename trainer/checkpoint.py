@@ -9,23 +9,127 @@ Layout of one stage: ``<run>/checkpoints/<stage>/``
   preemption signal stops the run; it is ``latest`` until the epoch ends, never ``best``;
 - ``manifest.json``: which epochs are complete, the latest, and the best by validation top-1.
 
-A checkpoint is written as ``epoch-0003.partial/`` and renamed when every file is in place; the
-manifest is replaced atomically afterwards. A crash mid-write leaves a ``.partial`` directory that
-is ignored (and cleared by the next save) and a manifest that still names the previous checkpoint.
+A checkpoint is written as ``epoch-0003.partial/``, its files' sizes and SHA-256 recorded in
+``checksums.json``, then renamed when every file is in place; the manifest is replaced atomically
+afterwards. A crash mid-write leaves a ``.partial`` directory that is ignored (and cleared by the
+next save) and a manifest that still names the previous checkpoint. A write that fails (a full
+disk) removes its ``.partial`` directory and raises :class:`CheckpointWriteError`; the previous
+checkpoint is untouched.
+
+On resume, :meth:`StageCheckpoints.resume_tag` verifies the latest checkpoint against its
+checksums; a corrupt or truncated one is reported, moved aside to ``<tag>.corrupt`` (kept for a
+post-mortem, never loaded) and the previous good one is used instead -- seeds are functions of
+(stage, epoch), so the redone epochs are bit-identical. Before DeepSpeed loads a checkpoint (it
+unpickles with ``weights_only=False``), every ``.pt`` file of it is opened with
+``torch.load(weights_only=True)`` first: a file that would need anything beyond tensors and plain
+containers -- i.e. one that could run code -- is refused (:class:`UntrustedCheckpointError`).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import pickle
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import faults
+
 MODEL_FILE = "model_state.pt"
 MANIFEST = "manifest.json"
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint file is truncated, corrupt or missing where it is needed."""
+
+
+class UntrustedCheckpointError(RuntimeError):
+    """A checkpoint file holds objects that loading would execute (not plain tensors/containers)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        os.fsync(handle.fileno())  # the bytes that were hashed are on disk before the rename
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """``checksums.json``: size and SHA-256 of every file under ``directory``."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+               for p in files}
+    atomic_write_text(directory / CHECKSUMS, json.dumps(entries, indent=1, sort_keys=True))
+
+
+def verify_checksums(directory: Path) -> str | None:
+    """None when every file listed in ``checksums.json`` is present with its size and hash;
+    else what is wrong (the first problem found)."""
+    record = directory / CHECKSUMS
+    if not directory.is_dir():
+        return "directory missing"
+    if not record.is_file():
+        return f"{CHECKSUMS} missing (written by an older binaryduo, or the write was cut short)"
+    try:
+        entries = json.loads(record.read_text())
+    except (OSError, ValueError) as error:
+        return f"{CHECKSUMS} unreadable ({error})"
+    for name, want in sorted(entries.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"{name} missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} is {size} bytes, {want['bytes']} were written (truncated?)"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its SHA-256 (corrupt)"
+    return None
+
+
+def _load_refusal(path: Path, error: Exception) -> RuntimeError:
+    """The one-line reason ``torch.load(weights_only=True)`` refused ``path``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    culprit = next((line for line in lines if "GLOBAL" in line or "global" in line), None)
+    if isinstance(error, pickle.UnpicklingError) and culprit:
+        return UntrustedCheckpointError(
+            f"{path}: refusing to load: it holds objects that loading would execute, not only "
+            f"tensors ({culprit.rstrip('.')})")
+    reason = lines[0].split(". ")[0] if lines else type(error).__name__
+    return CheckpointCorruptError(f"{path}: unreadable ({reason}; truncated or corrupt?)")
+
+
+def scan_untrusted(directory: Path) -> None:
+    """Opens every ``.pt`` file under ``directory`` with ``weights_only=True``; raises
+    :class:`UntrustedCheckpointError` naming the file if any needs more (code execution), or
+    :class:`CheckpointCorruptError` if one cannot be read at all."""
+    with torch.serialization.safe_globals(_deepspeed_data_classes()):
+        for path in sorted(directory.rglob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # UnpicklingError: what would have run, had it been allowed
+                raise _load_refusal(path, error) from None
+
+
+def _deepspeed_data_classes() -> list:
+    """DeepSpeed's own plain-data classes in ZeRO >= 1 optimizer states (an enum, a loss-scale
+    record, a (start, numel) pair): allowed, since unpickling them only sets attributes."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def _barrier() -> None:
@@ -88,19 +192,38 @@ class StageCheckpoints:
         """Epoch-end checkpoint (``step`` 0), or a mid-epoch one ``step`` steps after it."""
         tag = epoch_tag(epoch, step)
         partial = self.directory / f"{tag}.partial"
+        stage = self.directory.name
         if self.is_main:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
-        engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state,
-                               save_latest=False)
-        _barrier()
+        try:
+            engine.save_checkpoint(str(self.directory), tag=partial.name,
+                                   client_state=client_state, save_latest=False)
+            _barrier()
+            faults.kill_point("checkpoint", stage, epoch)
+            if self.is_main:
+                state = {k: v.detach().to("cpu", copy=True)
+                         for k, v in engine.module.state_dict().items()}
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                faults.write_bytes(partial / MODEL_FILE, buffer.getvalue(),
+                                   fail=not step and faults.disk_full(stage, epoch))
+                write_checksums(partial)
+        except (OSError, RuntimeError) as error:
+            if self.is_main:
+                shutil.rmtree(partial, ignore_errors=True)  # give the space back
+            previous = self.manifest()["latest"]
+            raise CheckpointWriteError(
+                f"checkpoint {tag} of stage {stage!r} could not be written to {self.directory} "
+                f"({error}); " + (f"the previous checkpoint {previous} is intact, resume from it "
+                                  "with --resume once there is room" if previous else
+                                  "no earlier checkpoint of this stage exists")) from error
         if self.is_main:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
-            torch.save(state, partial / MODEL_FILE)
             final = self.directory / tag
             shutil.rmtree(final, ignore_errors=True)  # an epoch redone after a resume
             os.replace(partial, final)
+            faults.kill_point("manifest", stage, epoch)
             if step:
                 self._update_manifest_mid_epoch(tag, epoch, step)
             else:
@@ -135,12 +258,69 @@ class StageCheckpoints:
     def _remove_mid_epoch(self, keep_tag: str | None) -> None:
         """Mid-epoch checkpoints no longer named by the manifest (after it was replaced)."""
         for path in self.directory.glob("epoch-*-step-*"):
-            if path.name != keep_tag and not path.name.endswith(".partial"):
+            if path.name != keep_tag and not path.name.endswith((".partial", ".corrupt")):
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- reading --------------------------------------------------------------------------------
+    def resume_tag(self) -> str | None:
+        """The newest checkpoint that verifies: the manifest's latest, else earlier completed
+        epochs (newest first). Each one that fails is reported on stderr, moved aside to
+        ``<tag>.corrupt`` and dropped from the manifest. None: nothing usable (the stage starts
+        over). Rank 0 only (it renames); broadcast the answer."""
+        manifest = self.manifest()
+        candidates = [manifest["latest"]] if manifest["latest"] else []
+        candidates += [e["tag"] for e in reversed(manifest["epochs"]) if e["tag"] not in candidates]
+        bad = []
+        for tag in candidates:
+            problem = verify_checksums(self.directory / tag)
+            if problem is None:
+                if bad:
+                    self._drop(bad)
+                    print(f"binaryduo: warning: resuming stage {self.directory.name!r} from "
+                          f"{tag} instead", file=sys.stderr, flush=True)
+                return tag
+            print(f"binaryduo: warning: checkpoint {self.directory / tag} is not usable: "
+                  f"{problem}; moved aside to {tag}.corrupt", file=sys.stderr, flush=True)
+            bad.append(tag)
+        if bad:
+            self._drop(bad)
+            print(f"binaryduo: warning: no usable checkpoint of stage {self.directory.name!r}: it "
+                  "starts over (seeded: the same result)", file=sys.stderr, flush=True)
+        return None
+
+    def _drop(self, tags: list[str]) -> None:
+        """Moves ``tags`` aside and removes them from the manifest (best = the best remaining)."""
+        for tag in tags:
+            aside = self.directory / f"{tag}.corrupt"
+            shutil.rmtree(aside, ignore_errors=True)
+            if (self.directory / tag).exists():
+                os.replace(self.directory / tag, aside)
+        manifest = self.manifest()
+        epochs = [e for e in manifest["epochs"] if e["tag"] not in tags]
+        best = manifest["best"]
+        if best is not None and best["tag"] in tags:
+            best = None
+            for entry in epochs:  # the earliest epoch wins ties, as in _update_manifest
+                if best is None or entry["top1"] > best["top1"]:
+                    best = dict(entry)
+        latest = manifest["latest"] if manifest["latest"] not in tags else (
+            epochs[-1]["tag"] if epochs else None)
+        manifest = {"epochs": epochs, "latest": latest, "best": best}
+        atomic_write_text(self.directory / MANIFEST, json.dumps(manifest, indent=2))
+
+    def verified_model_file(self, which: str) -> Path:
+        """``model_file(which)`` after checking its checkpoint; raises naming the problem."""
+        tag = self.tag_for(which)
+        problem = verify_checksums(self.directory / tag)
+        if problem is not None:
+            raise CheckpointCorruptError(f"the {which} checkpoint {self.directory / tag} of the "
+                                         f"previous stage is not usable: {problem}")
+        return self.directory / tag / MODEL_FILE
+
     def load(self, engine, tag: str) -> dict[str, Any]:
-        """Restores engine (model + optimizer) state from ``tag``; returns the client state."""
+        """Restores engine (model + optimizer) state from ``tag``; returns the client state.
+        The files are checked to hold nothing but tensors and containers first."""
+        scan_untrusted(self.directory / tag)
         path, client_state = engine.load_checkpoint(str(self.directory), tag=tag,
                                                     load_optimizer_states=True,
                                                     load_lr_scheduler_states=False)
@@ -150,5 +330,12 @@ class StageCheckpoints:
 
 
 def load_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """A portable model file, loaded without executing code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A portable model file, loaded without executing code (``weights_only=True``); a file that
+    holds anything else is refused (:class:`UntrustedCheckpointError`), an unreadable one
+    reported (:class:`CheckpointCorruptError`)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise _load_refusal(path, error) from None

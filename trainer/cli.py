@@ -114,18 +114,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .recipe import RecipeError
     from .run import train
+    from .checkpoint import (CheckpointCorruptError, CheckpointWriteError,
+                             UntrustedCheckpointError)
     from .stages import StageTransitionError
+    from .tracking import TrackingError, TrackingUnavailable
 
     try:
         return train(args.recipe, overrides=args.set, output=args.output,
-                     tracking_uri=args.tracking_uri, resume=args.resume, smoke=args.smoke)
+                     tracking_uri=args.tracking_uri, resume=args.resume, smoke=args.smoke,
+                     offline=args.offline)
+    except TrackingUnavailable as error:  # pre-flight: before any compute or output
+        raise UsageError(str(error)) from None
+    except TrackingError as error:
+        print(f"binaryduo: run stopped: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     except RecipeError as error:
         for problem in error.problems:
             print(f"binaryduo: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
-    except (StageTransitionError, FloatingPointError) as error:
+    except (StageTransitionError, FloatingPointError, CheckpointWriteError,
+            CheckpointCorruptError, UntrustedCheckpointError) as error:
         print(f"binaryduo: run stopped: {error}", file=sys.stderr)
         return EXIT_CHECK_FAILED
 
@@ -165,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in DIR (same stage and epoch, same MLflow runs)")
     train.add_argument("--smoke", action="store_true",
                        help="same code path on a tiny subset, one short epoch per stage")
+    train.add_argument("--offline", action="store_true",
+                       help="do not contact the tracking server: keep every MLflow record in "
+                            "RUN_DIR/mlflow-journal; deliver later with `binaryduo tracking "
+                            "replay RUN_DIR`")
     train.set_defaults(handler=cmd_train)
 
     demo = commands.add_parser(
@@ -186,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands_slurm import register as register_slurm_commands
 
     register_slurm_commands(commands)
+
+    from .commands_tracking import register as register_tracking_commands
+
+    register_tracking_commands(commands)
 
     report = commands.add_parser(
         "report", help="model size (Mbit) and FLOPs by the paper's counting rules",

@@ -1,28 +1,110 @@
-"""The recipe's data section turned into this rank's DALI loaders (``binaryduo.data``)."""
+"""The recipe's data section turned into this rank's DALI loaders (``binaryduo.data``), after a
+pre-flight check of the dataset (:func:`check_data`)."""
 from __future__ import annotations
 
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from binaryduo.data.pipelines import LoaderSpec, build_loader
 
-from .distributed import DistributedContext
-from .recipe import DataSection
+from .distributed import DistributedContext, broadcast_object
+from .recipe import DataSection, RecipeError
 
 #: --smoke: this many steps per epoch (and one evaluation batch per rank).
 SMOKE_STEPS = 2
+#: Unreadable files / empty class folders named in the refusal or warning line (the rest counted).
+NAMED = 5
+
+
+class DatasetRefused(RecipeError):
+    """The pre-flight check found unreadable files (without ``data.skip_unreadable``) or a broken
+    layout: bad input, reported like a recipe problem (one line each, exit status 2)."""
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """The pre-flight verdict, the same on every rank."""
+
+    root: str
+    summary: str                       # the check's summary line
+    skipped: tuple[str, ...] = ()      # unreadable files left out (paths relative to root)
+    skipped_lines: tuple[str, ...] = ()  # ``kind: path: reason`` of each, for the record
+    warnings: tuple[str, ...] = ()
+
+
+def _named(paths: list[str], total: int) -> str:
+    more = f" and {total - len(paths)} more" if total > len(paths) else ""
+    return ", ".join(paths) + more
+
+
+def _verdict(data: DataSection) -> DataCheck | list[str]:
+    """Rank 0's check of ``data.root`` (``binaryduo data check``'s quick depth): a
+    :class:`DataCheck`, or the problem lines that refuse the dataset."""
+    from binaryduo.data.check import check_dataset, default_cache_dir
+
+    root = Path(data.root)
+    try:
+        report = check_dataset(root, depth="quick", cache_dir=default_cache_dir())
+    except NotADirectoryError:
+        return [f"dataset directory {data.root} does not exist"]
+    refusal = [f"dataset {data.root}: {p.format()}" for p in report.structural
+               if p.kind != "empty-class"]
+    bad = report.unreadable
+    named = _named([f"{p.path} ({p.kind})" for p in bad[:NAMED]], len(bad))
+    if bad and not data.skip_unreadable:
+        kinds = {}
+        for p in bad:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+        refusal.append(f"dataset {data.root}: {len(bad)} unreadable image file(s) ({counts}), "
+                       f"DALI would stop on them: {named}; `binaryduo data check {data.root}` "
+                       f"lists them all; set data.skip_unreadable: true to train without them")
+    if refusal:
+        return refusal
+    warnings = []
+    empty = [p.path for p in report.structural if p.kind == "empty-class"]
+    if empty:
+        warnings.append(f"{len(empty)} class folder(s) of {data.root} hold no image (they keep "
+                        f"their class index, with no samples): {_named(empty[:NAMED], len(empty))}")
+    if bad:
+        warnings.append(f"skipping {len(bad)} unreadable image file(s) of {data.root} "
+                        f"(data.skip_unreadable): {named}")
+    return DataCheck(str(root), report.summary(),
+                     skipped=tuple(os.path.relpath(p.path, root) for p in bad),
+                     skipped_lines=tuple(p.format() for p in bad), warnings=tuple(warnings))
+
+
+def check_data(data: DataSection, ctx: DistributedContext) -> DataCheck:
+    """The pre-flight dataset check: rank 0 checks (see ``binaryduo.data.check``; cached in the
+    user cache directory), every rank receives the same verdict, so every rank refuses alike
+    (raises :class:`DatasetRefused`) or leaves out the same files. Call it before anything is
+    written: it costs no model, engine, run directory or MLflow record."""
+    verdict = broadcast_object(_verdict(data) if ctx.is_main else None)
+    if isinstance(verdict, list):
+        raise DatasetRefused(verdict)
+    if ctx.is_main:
+        print(f"data check: {verdict.summary}", flush=True)
+        for line in verdict.warnings:
+            print(f"binaryduo: warning: {line}", file=sys.stderr, flush=True)
+    return verdict
 
 
 class DataFeed:
     """Train loaders per stage (epoch order a pure function of the seed) and one val loader."""
 
-    def __init__(self, data: DataSection, ctx: DistributedContext, *, smoke: bool = False):
+    def __init__(self, data: DataSection, ctx: DistributedContext, *, smoke: bool = False,
+                 exclude: tuple[str, ...] = ()):
         if data.batch_size % ctx.world_size:
             raise ValueError(f"data.batch_size {data.batch_size} does not split evenly over "
                              f"{ctx.world_size} ranks")
         self.data = data
         self.ctx = ctx
+        #: unreadable files left out of both splits (``DataCheck.skipped``: the same on all ranks)
+        self.exclude = frozenset(exclude)
         self.per_rank_batch = data.batch_size // ctx.world_size
         train_subset, val_subset = data.train_subset, data.val_subset
         if smoke:
@@ -37,7 +119,8 @@ class DataFeed:
         return LoaderSpec(root=Path(self.data.root), format=self.data.format,
                           preset=self.data.preset, batch_size=self.per_rank_batch,
                           num_threads=self.data.num_threads, subset=subset,
-                          channels=self.data.channels, augment=self.data.augment)
+                          channels=self.data.channels, augment=self.data.augment,
+                          exclude=self.exclude)
 
     def train(self, seed: int, epoch: int, step: int = 0):
         """This rank's training loader at ``step`` of ``epoch`` of the stage seeded ``seed``."""

@@ -59,7 +59,8 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
                 lr_at: Callable[[int], float], first_step: int, log_every: int,
                 on_log: Callable[[int, dict[str, float]], None], progress=None,
                 resumed: EpochProgress | None = None,
-                stop: Callable[[], bool] | None = None) -> EpochProgress:
+                stop: Callable[[], bool] | None = None,
+                after_backward: Callable | None = None) -> EpochProgress:
     """Trains ``engine`` over ``loader`` (the rest of an epoch); returns this rank's sums, with
     ``stopped`` set when ``stop()`` -- asked after every step -- said so.
 
@@ -68,6 +69,10 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
     before every step (a pure function: resuming needs no scheduler state). Latent weight
     clipping, where the model asks for it, acts on the parameters DeepSpeed steps (the fp32
     masters at ZeRO 0 / fp32).
+
+    A non-finite loss raises ``FloatingPointError`` before its backward pass (nothing is stepped
+    with it). ``after_backward(engine, step_in_epoch)`` is the fault-injection hook (see
+    :mod:`.faults`).
     """
     engine.train()
     sums = EpochProgress(**(resumed.__dict__ if resumed else {}))
@@ -85,7 +90,12 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
             group["lr"] = sums.lr
         logits = engine(inputs.to(ctx.device, dtype, non_blocking=True))
         loss = F.cross_entropy(logits.float(), labels.to(ctx.device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {sums.steps + 1} "
+                                     f"of the epoch (global step {step + 1})")
         engine.backward(loss)
+        if after_backward is not None:
+            after_backward(engine, sums.steps + 1)
         engine.step()
         clip_latent_weights_(engine.module)
         loss_sum += loss.detach().to(torch.float64)
@@ -121,8 +131,9 @@ def epoch_stats(sums: EpochProgress, ctx: DistributedContext) -> EpochStats:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable, *, ctx: DistributedContext,
-             dtype: torch.dtype) -> EvalStats:
-    """Top-1/top-5 over every validation image exactly once across ranks (padding masked out)."""
+             dtype: torch.dtype, after_first_batch: Callable[[], None] | None = None) -> EvalStats:
+    """Top-1/top-5 over every validation image exactly once across ranks (padding masked out).
+    ``after_first_batch`` is the fault-injection hook (see :mod:`.faults`)."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0
@@ -140,6 +151,9 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, ctx: DistributedContex
         correct5 += float(hits.any(dim=1).sum())
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum")) if labels.numel() else 0.0
         count += labels.numel()
+        if after_first_batch is not None:
+            after_first_batch()
+            after_first_batch = None
     correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count],
                                                          ctx.device)
     model.train(was_training)

@@ -4,17 +4,26 @@ A recipe names a model from the registry, the data, and an ordered list of stage
 one model variant for some epochs and may start from the previous stage (optionally through the
 ``decouple`` transition). ``load_recipe`` reads the YAML safely, applies ``--set`` overrides, expands
 ``${VAR}`` / ``${VAR:-default}`` references, validates everything it can before any compute, and
-raises ``RecipeError`` with one line per problem: ``file:line: key.path: message``.
+raises ``RecipeError`` with one line per problem: ``file:line: key.path: message`` (``file (--set
+KEY=VALUE): key.path: message`` where the value came from an override).
+
+A recipe file is untrusted data: no YAML tag constructs an object (``!!python/...`` is refused,
+nothing runs), duplicate keys, self-referencing aliases and alias bombs are refused before
+anything is built, and every name that becomes a path (recipe, stage, MLflow experiment) is one
+plain path component, so nothing a recipe says can place a file outside the run directory; a
+recipe may name a tracking server but not a local store.
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      model_validator)
 
 from binaryduo import models
 
@@ -28,8 +37,67 @@ class RecipeError(Exception):
 
 
 class _Strict(BaseModel):
-    # strict: a YAML string "3" is not an integer; extra="forbid": a typo is an error, not a default.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: a YAML string "3" is not an integer; extra="forbid": a typo is an error, not a default;
+    # no .inf / .nan: no learning rate, tolerance or momentum is meant to be infinite.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+#: Longest recipe, stage or experiment name (they become file and directory names).
+MAX_NAME = 100
+
+
+def _plain_name(value: str, *, dots: bool, limit: int | None = MAX_NAME) -> str:
+    """Names that become paths (``runs/<recipe>-<time>``, ``checkpoints/<stage>/``,
+    ``cost_<stage>.json``, ``mlartifacts/<experiment>``) or Slurm job names: one path component
+    that cannot escape its directory, no shell or YAML metacharacters."""
+    allowed = "letters, digits, " + ("'.', " if dots else "") + "'_' and '-'"
+    if not value:
+        raise ValueError("must not be empty")
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"is {len(value)} characters long; at most {limit} (it names files "
+                         "and directories)")
+    pattern = r"[A-Za-z0-9][A-Za-z0-9._-]*" if dots else r"[A-Za-z0-9][A-Za-z0-9_-]*"
+    if not re.fullmatch(pattern, value):
+        raise ValueError(f"must be a plain name of {allowed}, starting with a letter or digit; "
+                         "it names files and directories, so no '/', '..' or spaces")
+    return value
+
+
+def _recipe_name(value: str) -> str:
+    # the length is checked by ``load_recipe`` (``semantic_problems``): --smoke appends "-smoke"
+    # to a valid name and validates the result again
+    return _plain_name(value, dots=True, limit=None)
+
+
+def _experiment_name(value: str) -> str:
+    return _plain_name(value, dots=True)
+
+
+def _stage_name(value: str) -> str:
+    _plain_name(value, dots=False)
+    if value.isdigit():
+        raise ValueError("must not be a number (--set stages.N.KEY=VALUE addresses stages by "
+                         "index)")
+    return value
+
+
+def _server_uri(value: str | None) -> str | None:
+    """A recipe may name a tracking *server*; where records land on local disk (a sqlite file,
+    an ``mlruns`` folder) is the caller's choice (``--tracking-uri``, ``MLFLOW_TRACKING_URI``),
+    never a file's: a shared recipe must not write outside the run and the caller's store."""
+    if value is None:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("a recipe may only name an MLflow tracking server (http://HOST[:PORT] "
+                         "or https://...); for a local store pass --tracking-uri or set "
+                         "MLFLOW_TRACKING_URI")
+    return value
+
+
+RecipeName = Annotated[str, AfterValidator(_recipe_name)]
+ExperimentName = Annotated[str, AfterValidator(_experiment_name)]
+StageName = Annotated[str, AfterValidator(_stage_name)]
 
 
 class ModelSection(_Strict):
@@ -64,6 +132,12 @@ class DataSection(_Strict):
     val_subset: int | None = Field(default=None, gt=0)
     #: A dataset ``binaryduo train`` may build at ``root`` when it is missing (demo data only).
     prepare: Literal["fashion-mnist"] | None = None
+    #: Before it starts, ``binaryduo train`` checks every image file (``binaryduo data check``:
+    #: empty, not an image, truncated, ...) and refuses a dataset with unreadable files. True:
+    #: train without them instead -- every rank leaves the same files out, a warning names the
+    #: count, and MLflow records it (tag ``data_skipped_files``, the list in provenance.json).
+    #: Image folders and file lists only (a damaged shard is always refused).
+    skip_unreadable: bool = False
 
 
 class OptimizerSection(_Strict):
@@ -95,7 +169,8 @@ class ScheduleSection(_Strict):
 
 
 class StageSection(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    #: Names ``checkpoints/<name>/`` and the stage's artifacts; addressable by ``--set stages.<name>``.
+    name: StageName
     #: Which model variant this stage trains: fp, bnn, coupled or decoupled.
     variant: Literal["fp", "bnn", "coupled", "decoupled"]
     epochs: int = Field(gt=0)
@@ -123,10 +198,12 @@ class StageSection(_Strict):
 
 
 class LoggingSection(_Strict):
-    #: MLflow experiment name.
-    experiment: str = "binaryduo"
-    #: MLflow tracking URI; None: ``MLFLOW_TRACKING_URI`` or the sqlite store ``./mlflow.db``.
-    tracking_uri: str | None = None
+    #: MLflow experiment name (a plain name: the sqlite store keeps its artifacts in
+    #: ``mlartifacts/<experiment>``).
+    experiment: ExperimentName = "binaryduo"
+    #: MLflow tracking server (http/https); None: ``--tracking-uri``, ``MLFLOW_TRACKING_URI`` or
+    #: the sqlite store ``./mlflow.db``. Local stores are not a recipe's to choose.
+    tracking_uri: Annotated[str | None, AfterValidator(_server_uri)] = None
     #: Log training metrics every N steps (as well as per epoch).
     every_steps: int = Field(default=50, gt=0)
 
@@ -150,7 +227,8 @@ class DeepSpeedSection(_Strict):
 class Recipe(_Strict):
     """A complete run: ``binaryduo validate`` checks it, ``binaryduo train`` runs it."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    #: Names the run directory ``runs/<name>-<time>`` and the MLflow parent run.
+    name: RecipeName
     #: What the recipe claims and the evidence for it (free text, saved with the run).
     description: str = ""
     seed: int = 0
@@ -168,25 +246,73 @@ class Recipe(_Strict):
 # Loading: YAML with line numbers, overrides, environment references, cross-field checks.
 
 
-def _line_map(text: str) -> dict[tuple, int]:
-    """1-based line of every key path in the YAML document (mapping keys and list items)."""
-    lines: dict[tuple, int] = {}
+#: Most values a recipe may hold once YAML aliases are followed (a real recipe has about 100; an
+#: alias "bomb" of nested references expands to billions and would hang the loader).
+MAX_VALUES = 10_000
 
-    def walk(node, path):
+
+class _TooLarge(Exception):
+    pass
+
+
+def _line_map(text: str) -> tuple[dict[tuple, int], list[tuple[int, str]]]:
+    """1-based line of every key path in the YAML document (mapping keys and list items), and the
+    structural problems the YAML parser lets through: ``(line, message)`` for duplicate keys (the
+    later one would win silently), self-referencing aliases and alias bombs."""
+    lines: dict[tuple, int] = {}
+    problems: list[tuple[int, str]] = []
+    count = 0
+
+    def walk(node, path, active):
+        nonlocal count
+        count += 1
+        if count > MAX_VALUES:
+            raise _TooLarge
+        if id(node) in active:
+            problems.append((node.start_mark.line + 1, f"{_dotted(path)}: a YAML alias refers to "
+                                                       f"a value that contains it (endless)"))
+            return
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            active = active | {id(node)}
+            first: dict[tuple, int] = {}
             for key, value in node.value:
-                child = path + (key.value,)
-                lines[child] = key.start_mark.line + 1
-                walk(value, child)
+                name = key.value if isinstance(key, yaml.ScalarNode) else f"<{key.tag}>"
+                child = path + (name,)
+                line = key.start_mark.line + 1
+                if (key.tag, name) in first and name != "<<":
+                    problems.append((line, f"{_dotted(child)}: duplicate key (first given on "
+                                           f"line {first[(key.tag, name)]}; YAML would "
+                                           f"silently keep the last)"))
+                first.setdefault((key.tag, name), line)
+                lines[child] = line
+                if key.tag == "tag:yaml.org,2002:int" and name.lstrip("+-").isdigit():
+                    lines[path + (int(name),)] = line  # pydantic reports the key as an int
+                walk(value, child, active)
         elif isinstance(node, yaml.SequenceNode):
+            active = active | {id(node)}
             for index, item in enumerate(node.value):
-                walk(item, path + (index,))
+                walk(item, path + (index,), active)
 
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is not None:
-        walk(root, ())
-    return lines
+        try:
+            walk(root, (), frozenset())
+        except _TooLarge:
+            problems = [(1, f"(top level): the recipe holds more than {MAX_VALUES} values once "
+                            f"YAML aliases are expanded (an alias bomb?)")]
+    return lines, problems
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line for a YAML error; a tag that would build a Python object is named as such."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    tag = re.search(r"constructor for the tag '([^']*)'", problem)
+    if tag:
+        shown = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return (f"YAML tag {shown} is not allowed: a recipe is plain data (mappings, lists, "
+                f"strings, numbers, booleans), nothing is constructed or run")
+    return f"not a valid recipe YAML: {problem}"
 
 
 def _dotted(path: tuple) -> str:
@@ -275,32 +401,53 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, schema_only: boo
     path = Path(path)
     label = str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise RecipeError([f"{label}: cannot read recipe ({error.strerror or error})"]) from None
+        raise RecipeError([_one_line(f"{label}: cannot read recipe "
+                                     f"({error.strerror or error})")]) from None
+    except UnicodeDecodeError as error:
+        raise RecipeError([_one_line(f"{label}: not a UTF-8 text file (byte {error.start}: "
+                                     f"{error.reason})")]) from None
     try:
+        # structure first (compose builds no objects): duplicate keys and alias bombs are
+        # refused before anything is constructed; safe_load then refuses every Python tag
+        lines, structural = _line_map(text)
+        if structural:
+            raise RecipeError([_one_line(f"{label}:{line}: {message}")
+                               for line, message in structural])
         data = yaml.safe_load(text)
-        lines = _line_map(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise RecipeError([f"{label}{where}: not a valid recipe YAML: {problem}"]) from None
+        raise RecipeError([_one_line(f"{label}{where}: {_yaml_problem(error)}")]) from None
+    except RecursionError:
+        raise RecipeError([f"{label}: nested too deeply to be a recipe"]) from None
+    if data is None:
+        raise RecipeError([f"{label}: the recipe is empty (no YAML mapping in it)"])
     if not isinstance(data, dict):
-        raise RecipeError([f"{label}: a recipe is a YAML mapping, got {type(data).__name__}"])
+        raise RecipeError([f"{label}: a recipe is a YAML mapping of keys (name, model, data, "
+                           f"stages, ...), got a {type(data).__name__}"])
+
+    overridden: list[tuple[tuple, str]] = []  # (key path, --set item): values not from the file
 
     def where(key_path: tuple) -> str:
+        for item_path, item in overridden:
+            if key_path[:len(item_path)] == item_path:
+                return f"{label} (--set {item})"
         for cut in range(len(key_path), -1, -1):
             if key_path[:cut] in lines:
                 return f"{label}:{lines[key_path[:cut]]}"
         return label
 
-    problems: list[tuple[tuple, str]] = []
+    bad_overrides = []
     for item in overrides:
         try:
-            apply_override(data, item)
+            overridden.append((apply_override(data, item), item))
         except ValueError as error:
-            problems.append(((), str(error)))
+            bad_overrides.append(_one_line(f"{label}: {error}"))
+    if bad_overrides:
+        raise RecipeError(bad_overrides)
+    problems: list[tuple[tuple, str]] = []
     data = _expand_env(data, (), problems, check=not schema_only)
     recipe = None
     if not problems:
@@ -314,8 +461,14 @@ def load_recipe(path: str | Path, overrides: list[str] = (), *, schema_only: boo
         problems.extend(semantic_problems(recipe, check_paths=not schema_only,
                                           base_dir=base_dir or Path.cwd()))
     if problems:
-        raise RecipeError([f"{where(loc)}: {_dotted(loc)}: {msg}" for loc, msg in problems])
+        raise RecipeError([_one_line(f"{where(loc)}: {_dotted(loc)}: {msg}")
+                           for loc, msg in problems])
     return recipe
+
+
+def _one_line(problem: str) -> str:
+    """A value quoted in a message (a path, a name) must not break the one-line-per-problem rule."""
+    return problem.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _message(detail: dict) -> str:
@@ -325,8 +478,11 @@ def _message(detail: dict) -> str:
         return "required key is missing"
     message = detail["msg"].removeprefix("Value error, ")
     shown = detail.get("input")
-    if detail["type"] not in ("model_type",) and not isinstance(shown, (dict, list)):
-        message += f" (got {shown!r})"
+    if detail["type"] in ("model_type", "dict_type"):
+        message = "should be a mapping of keys"
+    if not isinstance(shown, (dict, list)):
+        text = repr(shown)
+        message += f" (got {text if len(text) <= 80 else text[:60] + '...'})"
     return message
 
 
@@ -334,6 +490,9 @@ def semantic_problems(recipe: Recipe, *, check_paths: bool,
                       base_dir: Path) -> list[tuple[tuple, str]]:
     """Checks that need more than one field: model options per variant, stage chain, paths."""
     problems: list[tuple[tuple, str]] = []
+    if len(recipe.name) > MAX_NAME:
+        problems.append((("name",), f"is {len(recipe.name)} characters long; at most {MAX_NAME} "
+                                    f"(it names the run directory)"))
     if recipe.model.name not in models.names():
         problems.append((("model", "name"), f"unknown model {recipe.model.name!r}; valid models: "
                                             f"{', '.join(models.names())}"))
@@ -345,6 +504,12 @@ def semantic_problems(recipe: Recipe, *, check_paths: bool,
             except ValueError as error:
                 problems.append((("model", "options"), f"{error} (stage {stage.name!r})"))
                 break
+
+    data = recipe.data
+    if data.train_subset is not None and data.train_subset < data.batch_size:
+        problems.append((("data", "train_subset"),
+                         f"{data.train_subset} images are fewer than data.batch_size "
+                         f"({data.batch_size}): an epoch would have no full batch"))
 
     in_channels = recipe.model.options.get("in_channels", 3)
     if in_channels != recipe.data.channels:
@@ -385,14 +550,33 @@ def semantic_problems(recipe: Recipe, *, check_paths: bool,
                              f"{stage.variant!r}: their shapes differ (use transition: decouple "
                              f"from coupled to decoupled)"))
         if check_paths and stage.init_from not in (None, "previous"):
-            if not (base_dir / stage.init_from).exists():
+            source = base_dir / stage.init_from
+            if not source.exists():
                 problems.append((loc + ("init_from",),
                                  f"checkpoint {stage.init_from} does not exist"))
+            elif not source.is_file():
+                problems.append((loc + ("init_from",),
+                                 f"checkpoint {stage.init_from} is not a file (init_from names a "
+                                 f"model file, e.g. RUN/checkpoints/STAGE/TAG/model_state.pt)"))
 
     if check_paths and recipe.data.prepare is None:
         problems.extend((("data", "root"), p) for p in _dataset_problems(base_dir / recipe.data.root,
                                                                         recipe.data))
+    elif check_paths:
+        problems.extend((("data", "root"), p) for p in _prepare_problems(base_dir / recipe.data.root,
+                                                                        recipe.data))
     return problems
+
+
+def _prepare_problems(root: Path, data: DataSection) -> list[str]:
+    """``data.prepare`` builds the dataset at ``root`` when it is missing; a path that holds
+    something else is never written over, and would stop the run only after set-up."""
+    from binaryduo.data.shard import is_shard_dir
+
+    if not root.exists() or (root.is_dir() and (is_shard_dir(root) or not any(root.iterdir()))):
+        return []
+    return [f"{data.root} exists and is not a {data.prepare} dataset (data.prepare would build "
+            f"one there; it never writes over other files): choose another data.root"]
 
 
 def _dataset_problems(root: Path, data: DataSection) -> list[str]:

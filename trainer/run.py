@@ -11,7 +11,7 @@ import yaml
 from .checkpoint import atomic_write_text
 from .preemption import EXIT_PREEMPTED, Preempted, Preemption, requeue_slurm_job
 from .recipe import Recipe, load_recipe
-from .tracking import Tracker, resolve_tracking_uri
+from .tracking import Tracker, check_tracking_server, resolve_tracking_uri
 
 
 def smoke_recipe(recipe: Recipe) -> Recipe:
@@ -37,21 +37,22 @@ def prepare_data(recipe: Recipe) -> None:
 
 
 def train(recipe_path: str, *, overrides: list[str], output: str | None, tracking_uri: str | None,
-          resume: str | None, smoke: bool) -> int:
+          resume: str | None, smoke: bool, offline: bool = False) -> int:
     """Validates (before any compute), then runs every stage; returns the exit status."""
     # Signal handlers first: a preemption signal during the slow imports and set-up below must
     # not kill the process (it is acted on at the first step boundary).
     preemption = Preemption()
     try:
         return _train(preemption, recipe_path, overrides=overrides, output=output,
-                      tracking_uri=tracking_uri, resume=resume, smoke=smoke)
+                      tracking_uri=tracking_uri, resume=resume, smoke=smoke, offline=offline)
     finally:
         # last: a SIGTERM that follows our own `scontrol requeue` only sets the flag
         preemption.restore()
 
 
 def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], output: str | None,
-           tracking_uri: str | None, resume: str | None, smoke: bool) -> int:
+           tracking_uri: str | None, resume: str | None, smoke: bool,
+           offline: bool = False) -> int:
     # Validation happens in every process before the process group exists: a bad recipe costs
     # nothing, and every rank reports the same problem.
     recipe = load_recipe(recipe_path, overrides)
@@ -59,13 +60,16 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
         recipe = smoke_recipe(recipe)
     if resume is not None and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such run directory")
+    uri = resolve_tracking_uri(tracking_uri, recipe.logging.tracking_uri)
+    if not offline:  # a server that does not answer is a one-line error, before any compute
+        check_tracking_server(uri)
 
     import torch
 
     from . import stages
     from .distributed import broadcast_object, init_distributed, teardown
     from .engine import resolve_dtype
-    from .feed import DataFeed
+    from .feed import DataFeed, check_data
     from .provenance import code_version, hardware, package_versions, recipe_hash
 
     ctx = init_distributed()
@@ -73,12 +77,14 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
     try:
         if ctx.is_main:
             prepare_data(recipe)
+        # before anything is written: a dataset with unreadable files is refused on every rank
+        # (or, with data.skip_unreadable, every rank leaves the same files out)
+        data_check = check_data(recipe.data, ctx)
         output_dir = Path(resume or output or broadcast_object(
             f"runs/{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}" if ctx.is_main else None))
         resolved = recipe.model_dump(mode="json")
         digest = recipe_hash(resolved)
         version = code_version()
-        uri = resolve_tracking_uri(tracking_uri, recipe.logging.tracking_uri)
         dtype = resolve_dtype(recipe.precision, ctx.device)
         # what `auto` resolved to on this machine, so runs from CPU and GPU compare honestly
         tags = {"code_version": f"{version['git_sha']}{'-dirty' if version['git_dirty'] else ''}",
@@ -86,6 +92,8 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
                 "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
                 "dist_backend": str(torch.distributed.get_backend()),
                 "recipe": recipe.name, "recipe_hash": digest, "smoke": str(smoke).lower()}
+        if recipe.data.skip_unreadable:
+            tags["data_skipped_files"] = str(len(data_check.skipped))
         if ctx.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(output_dir / "recipe.resolved.yaml",
@@ -93,9 +101,11 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
             atomic_write_text(output_dir / "provenance.json", json.dumps({
                 "code": version, "packages": package_versions(), "hardware": hardware(ctx.world_size),
                 "recipe_file": str(recipe_path), "overrides": list(overrides), "smoke": smoke,
-                "command": sys.argv}, indent=2))
-        tracker = Tracker(uri, recipe.logging.experiment, enabled=ctx.is_main)
-        feed = DataFeed(recipe.data, ctx, smoke=smoke)
+                "command": sys.argv, "data_skipped_files": list(data_check.skipped_lines)},
+                indent=2))
+        tracker = Tracker(uri, recipe.logging.experiment, enabled=ctx.is_main,
+                          journal_dir=output_dir, offline=offline)
+        feed = DataFeed(recipe.data, ctx, smoke=smoke, exclude=data_check.skipped)
         try:
             results = stages.run_recipe(recipe, ctx=ctx, output_dir=output_dir, tracker=tracker,
                                         loaders=feed, dtype=dtype, tags=tags,
@@ -106,8 +116,12 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
                 action = requeue_slurm_job() if stop.requeue else (
                     f"resume with: binaryduo train {recipe_path} --resume {output_dir}")
                 print(f"binaryduo: preempted: {stop}; {action}", file=sys.stderr, flush=True)
+            tracker.close()
             clean = True
             return EXIT_PREEMPTED
+        except BaseException:
+            tracker.close()  # says what is still pending in the journal, and how to deliver it
+            raise
         if ctx.is_main:
             print(f"\n{recipe.name}: run directory {output_dir}, MLflow {uri}")
             for result in results:
@@ -117,7 +131,8 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
                              f"{result.extra['decouple_decoupled_val_top1']:.2f})")
                 print(f"  {result.name:<12} {result.variant:<10} best top-1 {result.best_top1:6.2f}"
                       f"  final {result.final_top1:6.2f}{extra}")
-            print(f"  open the record: mlflow ui --backend-store-uri {uri}")
+            print(f"  open the record: mlflow ui --backend-store-uri {uri}", flush=True)
+        tracker.close()  # last try for the backlog; what is still pending is said, with the command
         clean = True
         return 0
     except BaseException as error:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from binaryduo import models
 
 from . import engine as engines
+from . import faults
 from .checkpoint import StageCheckpoints, atomic_write_text, load_model_state
 from .curves import plot_training_curves
 from .distributed import (DistributedContext, all_gather_objects, assert_replicas_agree,
@@ -72,30 +72,12 @@ class StageResult:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def _inject_fault(point: str, stage: str, epoch: int) -> None:
-    """Fault injection for the reliability tests: ``BINARYDUO_FAULT=after_checkpoint:STAGE:EPOCH``
-    kills the process (as ``kill -9`` would, no cleanup) right after that checkpoint is written."""
-    if os.environ.get("BINARYDUO_FAULT") == f"{point}:{stage}:{epoch}":
-        os._exit(137)
-
-
-def _inject_rank_error(stage: str, epoch: int, rank: int) -> None:
-    """``BINARYDUO_FAULT=error:RANK:STAGE:EPOCH`` raises on one rank at the start of an epoch
-    (1-based): the job must fail promptly with that rank's error, not hang."""
-    if os.environ.get("BINARYDUO_FAULT") == f"error:{rank}:{stage}:{epoch}":
-        raise RuntimeError(f"injected fault on rank {rank} in stage {stage!r} epoch {epoch}")
-
-
 def _stop_check(preemption, ctx: DistributedContext, stage: str, epoch: int, start_step: int):
-    """The loop's per-step question "stop now?"; ``BINARYDUO_FAULT=signal:SIG:RANK:STAGE:EPOCH:STEP``
-    makes rank RANK send itself SIG (USR1/TERM) after that step, through the real handler."""
+    """The loop's per-step question "stop now?"; a ``signal`` fault (see :mod:`.faults`) makes
+    this rank send itself SIGUSR1/SIGTERM after a given step, through the real handler."""
     if preemption is None:
         return None
-    fault = os.environ.get("BINARYDUO_FAULT", "").split(":")
-    target = None
-    if len(fault) == 6 and fault[0] == "signal" and fault[2] == str(ctx.rank) and \
-            fault[3] == stage and fault[4] == str(epoch):
-        target = (getattr(signal, f"SIG{fault[1]}"), int(fault[5]))
+    target = faults.signal_after(stage, epoch, ctx.rank)
     done = [start_step]
 
     def stop() -> bool:
@@ -104,6 +86,32 @@ def _stop_check(preemption, ctx: DistributedContext, stage: str, epoch: int, sta
             os.kill(os.getpid(), target[0])
         return preemption.requested(ctx.device)
     return stop
+
+
+def _fault_hook(stage: str, epoch: int):
+    """Called after each backward pass with the step's number within the epoch (1-based):
+    the ``kill:step`` and ``nan`` faults of :mod:`.faults`; None when no fault is set."""
+    if not os.environ.get(faults.FAULT_ENV):
+        return None
+    poison = faults.poison_step(stage, epoch)
+
+    def hook(engine, step_in_epoch: int) -> None:
+        faults.kill_point("step", stage, epoch, step_in_epoch)
+        if poison == step_in_epoch:
+            with torch.no_grad():  # weights and gradients, as a bad batch would leave them
+                for parameter in engine.module.parameters():
+                    parameter.fill_(float("nan"))
+                    if parameter.grad is not None:
+                        parameter.grad.fill_(float("nan"))
+    return hook
+
+
+def _divergence(stage: StageSection, epoch: int, error, checkpoints: StageCheckpoints) -> str:
+    kept = checkpoints.manifest()["latest"]
+    where = (f"the last good checkpoint {checkpoints.directory / kept} is kept" if kept else
+             "no checkpoint of this stage had been written")
+    return (f"stage {stage.name!r} epoch {epoch + 1}: {error}: the run diverged and stops; {where} "
+            "(lower the learning rate, or look at the data, before resuming)")
 
 
 def stage_seed(seed: int, stage_index: int, epoch: int) -> int:
@@ -132,7 +140,27 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
         tracker.log_artifact(state.parent_run_id, artifacts_dir / "provenance.json")
     if ctx.is_main:
         state.save(output_dir)
+    try:
+        return _run_stages(recipe, state, ctx=ctx, output_dir=output_dir, tracker=tracker,
+                           loaders=loaders, dtype=dtype, tags=tags, artifacts_dir=artifacts_dir,
+                           recipe_hash=recipe_hash, preemption=preemption)
+    except Preempted:
+        raise  # the runs stay RUNNING: --resume continues them
+    except BaseException:
+        # the record says what happened: the parent and the stage that failed are FAILED
+        unfinished = [state.stage_run_ids[s.name] for s in recipe.stages
+                      if s.name in state.stage_run_ids and s.name not in state.completed]
+        for run_id in [*unfinished, state.parent_run_id]:
+            try:
+                tracker.finish(run_id, status="FAILED")
+            except Exception:  # the tracking server may be what failed; the error below matters
+                pass
+        raise
 
+
+def _run_stages(recipe: Recipe, state: RunState, *, ctx: DistributedContext, output_dir: Path,
+                tracker: Tracker, loaders, dtype: torch.dtype, tags: dict[str, str],
+                artifacts_dir: Path, recipe_hash: str, preemption) -> list[StageResult]:
     results: list[StageResult] = []
     for index, stage in enumerate(recipe.stages):
         checkpoints = StageCheckpoints(output_dir / "checkpoints" / stage.name,
@@ -152,7 +180,8 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
         model = build_stage_model(recipe, stage)
         transition_metrics: dict[str, float] = {}
         # every rank reads the manifest (checkpoints live on a shared file system, as DeepSpeed's)
-        latest = checkpoints.latest_tag()
+        # rank 0 verifies the latest checkpoint (falling back to the previous good one)
+        latest = broadcast_object(checkpoints.resume_tag() if ctx.is_main else None)
         resuming = latest is not None
         if not resuming:
             model, transition_metrics = _initial_weights(recipe, index, stage, model, ctx=ctx,
@@ -192,20 +221,24 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
         top1 = top5 = float("nan")
         for epoch in range(first_epoch, stage.epochs):
             start_step = first_step_in_epoch if epoch == first_epoch else 0
-            _inject_rank_error(stage.name, epoch + 1, ctx.rank)
+            faults.rank_error(stage.name, epoch + 1, ctx.rank)
             torch.manual_seed(stage_seed(recipe.seed, index, epoch + 1))
             if start_step:
                 _set_rng_states(rng_states)
             loader = loaders.train(stage_seed(recipe.seed, index, 0), epoch, start_step)
             progress = progress_bar(stage.name, epoch, stage.epochs, len(loader), ctx,
                                     initial=start_step)
-            sums = train_epoch(
-                engine, loader, ctx=ctx, dtype=dtype, lr_at=lr_at,
-                first_step=epoch * steps_per_epoch + start_step,
-                log_every=recipe.logging.every_steps,
-                on_log=lambda step, m: tracker.log_metrics(run_id, m, step), progress=progress,
-                resumed=resumed_sums if start_step else None,
-                stop=_stop_check(preemption, ctx, stage.name, epoch + 1, start_step))
+            try:
+                sums = train_epoch(
+                    engine, loader, ctx=ctx, dtype=dtype, lr_at=lr_at,
+                    first_step=epoch * steps_per_epoch + start_step,
+                    log_every=recipe.logging.every_steps,
+                    on_log=lambda step, m: tracker.log_metrics(run_id, m, step),
+                    progress=progress, resumed=resumed_sums if start_step else None,
+                    stop=_stop_check(preemption, ctx, stage.name, epoch + 1, start_step),
+                    after_backward=_fault_hook(stage.name, epoch + 1))
+            except FloatingPointError as error:
+                raise FloatingPointError(_divergence(stage, epoch, error, checkpoints)) from None
             if progress is not None:
                 progress.close()
             if sums.stopped and start_step + sums.steps < steps_per_epoch:
@@ -214,11 +247,13 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
             stats = epoch_stats(sums, ctx)
             sync_batchnorm_statistics(engine.module)
             assert_replicas_agree(engine.module, f"stage {stage.name!r} epoch {epoch + 1}")
-            evaluation = evaluate(engine.module, loaders.val(), ctx=ctx, dtype=dtype)
+            evaluation = evaluate(engine.module, loaders.val(), ctx=ctx, dtype=dtype,
+                                  after_first_batch=lambda e=epoch: faults.kill_point(
+                                      "eval", stage.name, e + 1))
             top1, top5 = evaluation.top1, evaluation.top5
-            if not math.isfinite(stats.loss):
-                raise FloatingPointError(f"stage {stage.name!r} epoch {epoch + 1}: training loss "
-                                         f"is {stats.loss}; stopping (last good checkpoint kept)")
+            if not math.isfinite(stats.loss):  # the per-step check stops sooner; belt and braces
+                raise FloatingPointError(_divergence(
+                    stage, epoch, f"training loss is {stats.loss}", checkpoints))
             metrics = {"train_loss": stats.loss, "val_top1": top1, "val_top5": top5,
                        "val_loss": evaluation.loss, "lr": stats.lr,
                        "images_per_second": stats.images_per_second * ctx.world_size,
@@ -231,7 +266,7 @@ def run_recipe(recipe: Recipe, *, ctx: DistributedContext, output_dir: Path, tra
             if last or stopping or (epoch + 1) % recipe.checkpoint.every_epochs == 0:
                 checkpoints.save(engine, epoch=epoch + 1, top1=top1,
                                  client_state=client_state(epoch + 1, top1))
-                _inject_fault("after_checkpoint", stage.name, epoch + 1)
+                faults.kill_point("after_checkpoint", stage.name, epoch + 1)
             if stopping and not last:
                 _stop_mid_epoch(checkpoints, engine, ctx, preemption, tracker, state, client_state,
                                 stage=stage, epoch=epoch + 1, step=0, sums=None)
@@ -311,12 +346,12 @@ def _initial_weights(recipe: Recipe, index: int, stage: StageSection, model: tor
     source = StageCheckpoints(output_dir / "checkpoints" / previous.name, keep_last=1,
                               is_main=ctx.is_main)
     if stage.transition != "decouple":
-        model.load_state_dict(load_model_state(source.model_file(stage.init_checkpoint)))
+        model.load_state_dict(load_model_state(source.verified_model_file(stage.init_checkpoint)))
         return model, {}
 
     # Decouple: the previous stage's chosen coupled model -> its exact binary equivalent.
     coupled = build_stage_model(recipe, previous)
-    coupled.load_state_dict(load_model_state(source.model_file(stage.init_checkpoint)))
+    coupled.load_state_dict(load_model_state(source.verified_model_file(stage.init_checkpoint)))
     manifest = source.manifest()
     chosen = manifest["best"] if stage.init_checkpoint == "best" else manifest["epochs"][-1]
     coupled_top1 = chosen["top1"]
@@ -352,4 +387,5 @@ def _initial_weights(recipe: Recipe, index: int, stage: StageSection, model: tor
                     "decouple_val_top1_delta": before.top1 - coupled_top1})
     tracker.log_metrics(run_id, {**metrics, "val_top1": before.top1, "val_top5": before.top5},
                         step=0)
+    faults.kill_point("decouple", stage.name, 0)
     return decoupled, metrics

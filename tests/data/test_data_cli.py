@@ -46,7 +46,7 @@ def test_check_exit_status(imagenet_tree, tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[:500])
     assert run(["data", "check", str(broken)]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"undecodable: {victim}: ") and len(lines) == 2
+    assert lines[0].startswith(f"truncated: {victim}: ") and len(lines) == 2
     assert run(["data", "check", str(broken), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert not report["ok"] and report["problems"][0]["path"] == str(victim)

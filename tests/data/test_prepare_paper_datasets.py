@@ -378,7 +378,7 @@ def test_resized_copy(odd_tree, tmp_path):
     assert result.bytes_out < result.bytes_in / 3
     from binaryduo.data.check import check_dataset
     report = check_dataset(out)
-    assert [p.kind for p in report.problems] == ["undecodable"]   # the truncated file, kept
+    assert [p.kind for p in report.problems] == ["truncated"]     # the truncated file, kept
     again = prepare_resized(odd_tree, out, shorter_side=160)
     assert again.created is False
 

@@ -120,7 +120,8 @@ def test_bad_recipe_one_line_with_file_line_and_key(tmp_path, dataset, edit, lin
     ("stages: []\n", "stages: List should have at least 1 item"),
     ("- a\n- b\n", "a recipe is a YAML mapping"),
     ("name: x\nmodel: {name: vgg7\n", "not a valid recipe YAML"),
-    ("name: !!python/object/apply:os.system ['true']\n", "not a valid recipe YAML"),
+    ("name: !!python/object/apply:os.system ['true']\n",
+     "YAML tag !!python/object/apply:os.system is not allowed"),
 ])
 def test_unparseable_or_unsafe_yaml(tmp_path, source, text):
     path = tmp_path / "r.yaml"
