@@ -89,6 +89,16 @@ def assert_checkpoints_whole(run: Path) -> None:
             assert (stage_dir / tag / "checksums.json").is_file(), (stage_dir, tag)
 
 
+def stops_with_one_line(run_binaryduo, recipe: Path, output: str, fault: str) -> str:
+    """Runs ``recipe`` into ``output`` with ``fault``; it must exit 1 with one error line."""
+    result = run_binaryduo("train", recipe, "--output", output, cwd=recipe.parent, check=False,
+                           env={"BINARYDUO_FAULT": fault})
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("binaryduo:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
 def parent_status(db: Path, run: Path) -> str:
     parent = json.loads((run / "run_state.json").read_text())["parent_run_id"]
     return MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(parent).info.status
@@ -160,14 +170,10 @@ def test_corrupt_bytes_are_caught_by_the_checksum(reference, killed_after_couple
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(reference, run_binaryduo):
     recipe, straight = reference
     root = straight.parent
-    full = run_binaryduo("train", recipe, "--output", "full", cwd=root, check=False,
-                         env={"BINARYDUO_FAULT": "disk_full:coupled:2"})
-    assert full.returncode == 1
-    errors = [line for line in full.stderr.splitlines() if line.startswith("binaryduo:")]
-    assert len(errors) == 1, full.stderr[-3000:]
-    assert "checkpoint epoch-0002 of stage 'coupled' could not be written" in errors[0]
-    assert "No space left on device" in errors[0]
-    assert "the previous checkpoint epoch-0001 is intact" in errors[0]
+    error = stops_with_one_line(run_binaryduo, recipe, "full", "disk_full:coupled:2")
+    assert "checkpoint epoch-0002 of stage 'coupled' could not be written" in error
+    assert "No space left on device" in error
+    assert "the previous checkpoint epoch-0001 is intact" in error
     coupled = root / "full" / "checkpoints" / "coupled"
     assert sorted(p.name for p in coupled.iterdir()) == ["epoch-0001", "manifest.json"]
     assert json.loads((coupled / "manifest.json").read_text())["latest"] == "epoch-0001"
@@ -180,14 +186,10 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(reference, 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, run_binaryduo):
     recipe, straight = reference
     root = straight.parent
-    diverged = run_binaryduo("train", recipe, "--output", "nan", cwd=root, check=False,
-                             env={"BINARYDUO_FAULT": "nan:coupled:2:5"})
-    assert diverged.returncode == 1
-    errors = [line for line in diverged.stderr.splitlines() if line.startswith("binaryduo:")]
-    assert len(errors) == 1, diverged.stderr[-3000:]
+    error = stops_with_one_line(run_binaryduo, recipe, "nan", "nan:coupled:2:5")
     # poisoned after step 5's backward pass: step 6's loss is the first non-finite one
-    assert "stage 'coupled' epoch 2: training loss is nan at step 6 of the epoch" in errors[0]
-    assert "the run diverged and stops" in errors[0] and "epoch-0001 is kept" in errors[0]
+    assert "stage 'coupled' epoch 2: training loss is nan at step 6 of the epoch" in error
+    assert "the run diverged and stops" in error and "epoch-0001 is kept" in error
     coupled = root / "nan" / "checkpoints" / "coupled"
     assert json.loads((coupled / "manifest.json").read_text())["latest"] == "epoch-0001"
     assert not (coupled / "epoch-0002").exists()
