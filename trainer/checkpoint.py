@@ -31,6 +31,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ from . import faults
 MODEL_FILE = "model_state.pt"
 MANIFEST = "manifest.json"
 CHECKSUMS = "checksums.json"
+TAG = re.compile(r"epoch-\d{4}(-step-\d{6})?")
 
 
 class CheckpointWriteError(RuntimeError):
@@ -56,6 +58,15 @@ class CheckpointCorruptError(RuntimeError):
 
 class UntrustedCheckpointError(RuntimeError):
     """A checkpoint file holds objects that loading would execute (not plain tensors/containers)."""
+
+
+def _attempt(action) -> BaseException | None:
+    """Runs ``action``; returns the write error it raised (a full disk, ...), or None."""
+    try:
+        action()
+    except (OSError, RuntimeError) as error:
+        return error
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -82,7 +93,11 @@ def verify_checksums(directory: Path) -> str | None:
     if not directory.is_dir():
         return "directory missing"
     if not record.is_file():
-        return f"{CHECKSUMS} missing (written by an older binaryduo, or the write was cut short)"
+        # checksums are written before the rename, so only a checkpoint of a binaryduo older
+        # than them lacks the file: accepted (still opened weights-only before it is loaded)
+        print(f"binaryduo: warning: {directory} has no {CHECKSUMS} (written before checksums "
+              "existed): not verified", file=sys.stderr, flush=True)
+        return None
     try:
         entries = json.loads(record.read_text())
     except (OSError, ValueError) as error:
@@ -157,17 +172,29 @@ def epoch_tag(epoch: int, step: int = 0) -> str:
 class StageCheckpoints:
     """Checkpoints of one stage; every rank calls ``save`` (DeepSpeed needs all of them)."""
 
-    def __init__(self, directory: Path, *, keep_last: int, is_main: bool):
+    def __init__(self, directory: Path, *, keep_last: int, is_main: bool,
+                 device: torch.device | str = "cpu"):
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.is_main = is_main
+        self.device = torch.device(device)  # where the ranks' agreement flags are reduced
 
     # -- manifest -------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
         path = self.directory / MANIFEST
         if not path.exists():
             return {"epochs": [], "latest": None, "best": None}
-        return json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+            tags = [manifest["latest"], (manifest["best"] or {}).get("tag"),
+                    *(e["tag"] for e in manifest["epochs"])]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointCorruptError(f"{path}: unreadable ({error})") from None
+        for tag in tags:  # tags become paths (rmtree, rename): nothing else is accepted
+            if tag is not None and not (isinstance(tag, str) and TAG.fullmatch(tag)):
+                raise CheckpointCorruptError(f"{path}: {tag!r} is not a checkpoint tag "
+                                             "(epoch-NNNN[-step-SSSSSS])")
+        return manifest
 
     def latest_tag(self) -> str | None:
         return self.manifest()["latest"]
@@ -189,7 +216,10 @@ class StageCheckpoints:
     # -- writing --------------------------------------------------------------------------------
     def save(self, engine, *, epoch: int, top1: float, client_state: dict[str, Any],
              step: int = 0) -> str:
-        """Epoch-end checkpoint (``step`` 0), or a mid-epoch one ``step`` steps after it."""
+        """Epoch-end checkpoint (``step`` 0), or a mid-epoch one ``step`` steps after it.
+
+        Every rank calls it; a failure on any rank (a full disk) is agreed on by all of them, so
+        every rank raises :class:`CheckpointWriteError` and none is left waiting in a barrier."""
         tag = epoch_tag(epoch, step)
         partial = self.directory / f"{tag}.partial"
         stage = self.directory.name
@@ -197,39 +227,58 @@ class StageCheckpoints:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
         _barrier()
-        try:
-            engine.save_checkpoint(str(self.directory), tag=partial.name,
-                                   client_state=client_state, save_latest=False)
-            _barrier()
+        error = _attempt(lambda: engine.save_checkpoint(
+            str(self.directory), tag=partial.name, client_state=client_state, save_latest=False))
+        failed = self._failed_anywhere(error)
+        if not failed:
             faults.kill_point("checkpoint", stage, epoch)
             if self.is_main:
-                state = {k: v.detach().to("cpu", copy=True)
-                         for k, v in engine.module.state_dict().items()}
-                buffer = io.BytesIO()
-                torch.save(state, buffer)
-                faults.write_bytes(partial / MODEL_FILE, buffer.getvalue(),
-                                   fail=not step and faults.disk_full(stage, epoch))
-                write_checksums(partial)
-        except (OSError, RuntimeError) as error:
+                error = _attempt(lambda: self._complete(engine, partial, stage, epoch, step))
+            failed = self._failed_anywhere(error)
+        if failed:
             if self.is_main:
                 shutil.rmtree(partial, ignore_errors=True)  # give the space back
-            previous = self.manifest()["latest"]
-            raise CheckpointWriteError(
-                f"checkpoint {tag} of stage {stage!r} could not be written to {self.directory} "
-                f"({error}); " + (f"the previous checkpoint {previous} is intact, resume from it "
-                                  "with --resume once there is room" if previous else
-                                  "no earlier checkpoint of this stage exists")) from error
+            raise self._write_error(tag, stage, error)
         if self.is_main:
-            final = self.directory / tag
-            shutil.rmtree(final, ignore_errors=True)  # an epoch redone after a resume
-            os.replace(partial, final)
-            faults.kill_point("manifest", stage, epoch)
-            if step:
-                self._update_manifest_mid_epoch(tag, epoch, step)
-            else:
-                self._update_manifest(tag, epoch, top1)
-        _barrier()
+            error = _attempt(lambda: self._publish(partial, tag, stage, epoch, step, top1))
+        if self._failed_anywhere(error):
+            raise self._write_error(tag, stage, error)
         return tag
+
+    def _complete(self, engine, partial: Path, stage: str, epoch: int, step: int) -> None:
+        """The portable model file and the checksums, inside ``partial`` (rank 0)."""
+        state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        faults.write_bytes(partial / MODEL_FILE, buffer.getvalue(),
+                           fail=not step and faults.disk_full(stage, epoch))
+        write_checksums(partial)
+
+    def _publish(self, partial: Path, tag: str, stage: str, epoch: int, step: int,
+                 top1: float) -> None:
+        """Rename into place, then the manifest (rank 0)."""
+        final = self.directory / tag
+        shutil.rmtree(final, ignore_errors=True)  # an epoch redone after a resume
+        os.replace(partial, final)
+        faults.kill_point("manifest", stage, epoch)
+        if step:
+            self._update_manifest_mid_epoch(tag, epoch, step)
+        else:
+            self._update_manifest(tag, epoch, top1)
+
+    def _failed_anywhere(self, error: BaseException | None) -> bool:
+        """Collective: did this step fail on any rank?"""
+        from .distributed import any_rank
+        return any_rank(error is not None, self.device)
+
+    def _write_error(self, tag: str, stage: str, error: BaseException | None) -> CheckpointWriteError:
+        previous = self.manifest()["latest"]
+        cause = error if error is not None else "another rank could not write its part"
+        return CheckpointWriteError(
+            f"checkpoint {tag} of stage {stage!r} could not be written to {self.directory} "
+            f"({cause}); " + (f"the previous checkpoint {previous} is intact, resume from it with "
+                              "--resume once there is room" if previous else
+                              "no earlier checkpoint of this stage exists"))
 
     def _update_manifest(self, tag: str, epoch: int, top1: float) -> None:
         manifest = self.manifest()
@@ -241,11 +290,13 @@ class StageCheckpoints:
         if best is None or top1 > best["top1"] or best["epoch"] == epoch:
             best = {"epoch": epoch, "tag": tag, "top1": top1}
         keep = {e["tag"] for e in epochs[-self.keep_last:]} | {best["tag"]}
+        manifest = {"epochs": [e for e in epochs if e["tag"] in keep], "latest": tag, "best": best}
+        # the new manifest first, then pruning: a crash in between leaves extra directories,
+        # never a manifest naming a deleted one
+        atomic_write_text(self.directory / MANIFEST, json.dumps(manifest, indent=2))
         for entry in epochs:
             if entry["tag"] not in keep:
                 shutil.rmtree(self.directory / entry["tag"], ignore_errors=True)
-        manifest = {"epochs": [e for e in epochs if e["tag"] in keep], "latest": tag, "best": best}
-        atomic_write_text(self.directory / MANIFEST, json.dumps(manifest, indent=2))
         self._remove_mid_epoch(keep_tag=None)
 
     def _update_manifest_mid_epoch(self, tag: str, epoch: int, step: int) -> None:
@@ -279,8 +330,10 @@ class StageCheckpoints:
                     print(f"binaryduo: warning: resuming stage {self.directory.name!r} from "
                           f"{tag} instead", file=sys.stderr, flush=True)
                 return tag
+            aside = (f"; moved aside to {tag}.corrupt" if (self.directory / tag).is_dir()
+                     else "")
             print(f"binaryduo: warning: checkpoint {self.directory / tag} is not usable: "
-                  f"{problem}; moved aside to {tag}.corrupt", file=sys.stderr, flush=True)
+                  f"{problem}{aside}", file=sys.stderr, flush=True)
             bad.append(tag)
         if bad:
             self._drop(bad)

@@ -54,9 +54,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"binaryduo: error: {args.run_dir}: the journal names no tracking URI; pass "
               f"--tracking-uri", file=sys.stderr)
         return 2
+    if args.discard:
+        journal.open({"command": "tracking replay --discard", "uri": uri,
+                      "experiment": session.get("experiment", "binaryduo")})
+        try:
+            for seq in args.discard:
+                try:
+                    record = journal.discard(seq)
+                except KeyError as error:
+                    print(f"binaryduo: error: {args.run_dir}: {error.args[0]}", file=sys.stderr)
+                    return 2
+                print(f"discarded record {seq} ({record['op']} for run "
+                      f"{record.get('run_id') or record.get('name')}); it stays in the journal")
+        finally:
+            journal.close()
+        journal = _journal(args.run_dir)
     pending = journal.pending()
     if not pending:
-        print(f"{args.run_dir}: nothing pending ({len(journal.records)} records, all delivered)")
+        print(f"{args.run_dir}: nothing pending ({len(journal.records)} records, "
+              f"{len(journal.discarded)} discarded, the rest delivered)")
         return 0
     try:
         check_tracking_server(uri, hint="start it and replay again")
@@ -104,4 +120,7 @@ def register(commands) -> None:
                     "unreachable or rejects a record.")
     replay.add_argument("run_dir", metavar="RUN_DIR")
     replay.add_argument("--tracking-uri", help="deliver here instead of the URI the run used")
+    replay.add_argument("--discard", type=int, action="append", default=[], metavar="SEQ",
+                        help="give up on pending record SEQ first (one the store rejects, named "
+                             "in the error; repeatable)")
     replay.set_defaults(handler=cmd_replay)

@@ -156,6 +156,39 @@ def broadcast_object(value, src: int = 0):
     return holder[0]
 
 
+class PeerRankError(RuntimeError):
+    """Raised on every other rank when work done on rank 0 alone failed."""
+
+
+def on_main_then_broadcast(fn, is_main: bool):
+    """``fn()`` on rank 0, its result on every rank. If it raises, every rank raises (rank 0 the
+    original, the others :class:`PeerRankError` naming it): no rank is left waiting in a
+    collective for a peer that has left."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    outcome, error = None, None
+    if is_main:
+        try:
+            outcome = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            error = exc
+            outcome = ("error", f"{type(exc).__name__}: {exc}")
+    kind, value = broadcast_object(outcome)
+    if kind == "ok":
+        return value
+    if error is not None:
+        raise error
+    raise PeerRankError(f"rank 0 failed: {value}")
+
+
+def any_rank(flag: torch.Tensor | bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (one small all-reduce)."""
+    tensor = torch.as_tensor(flag, device=device).to(torch.int32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def all_gather_objects(value) -> list:
     """Every rank's Python object, in rank order, on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

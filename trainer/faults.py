@@ -16,7 +16,8 @@ nothing. One fault per process, ``KIND:ARGS`` (epochs and steps 1-based, STAGE a
   (preemption, through the real handler; see stages._stop_check);
 - ``disk_full:STAGE:EPOCH``: writing EPOCH's checkpoint fails half-way with ENOSPC, as a full
   disk does (the file is left half-written);
-- ``nan:STAGE:EPOCH:STEP``: after step STEP the weights are poisoned with NaN (divergence).
+- ``nan:STAGE:EPOCH:STEP[:RANK]``: after step STEP's backward pass the weights are poisoned
+  with NaN (divergence), on every rank or on RANK only.
 """
 from __future__ import annotations
 
@@ -73,9 +74,10 @@ def write_bytes(path, data: bytes, *, fail: bool) -> None:
         os.fsync(handle.fileno())
 
 
-def poison_step(stage: str, epoch: int) -> int | None:
-    """``nan:STAGE:EPOCH:STEP`` -> STEP for this stage and epoch, or None."""
+def poison_step(stage: str, epoch: int, rank: int) -> int | None:
+    """``nan:STAGE:EPOCH:STEP[:RANK]`` -> STEP for this stage, epoch and rank, or None."""
     fault = _fault()
-    if len(fault) == 4 and fault[0] == "nan" and fault[1] == stage and fault[2] == str(epoch):
+    if len(fault) in (4, 5) and fault[0] == "nan" and fault[1] == stage and \
+            fault[2] == str(epoch) and (len(fault) == 4 or fault[4] == str(rank)):
         return int(fault[3])
     return None

@@ -11,7 +11,7 @@ import torch
 
 from binaryduo.data.pipelines import LoaderSpec, build_loader
 
-from .distributed import DistributedContext, broadcast_object
+from .distributed import DistributedContext, on_main_then_broadcast
 from .recipe import DataSection, RecipeError
 
 #: --smoke: this many steps per epoch (and one evaluation batch per rank).
@@ -83,7 +83,7 @@ def check_data(data: DataSection, ctx: DistributedContext) -> DataCheck:
     user cache directory), every rank receives the same verdict, so every rank refuses alike
     (raises :class:`DatasetRefused`) or leaves out the same files. Call it before anything is
     written: it costs no model, engine, run directory or MLflow record."""
-    verdict = broadcast_object(_verdict(data) if ctx.is_main else None)
+    verdict = on_main_then_broadcast(lambda: _verdict(data), ctx.is_main)
     if isinstance(verdict, list):
         raise DatasetRefused(verdict)
     if ctx.is_main:

@@ -1,6 +1,7 @@
 """One training epoch and one distributed evaluation, readable top to bottom."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from binaryduo.models import clip_latent_weights_
 
-from .distributed import DistributedContext, all_reduce_sum
+from .distributed import DistributedContext, all_reduce_sum, any_rank
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
     clipping, where the model asks for it, acts on the parameters DeepSpeed steps (the fp32
     masters at ZeRO 0 / fp32).
 
-    A non-finite loss raises ``FloatingPointError`` before its backward pass (nothing is stepped
-    with it). ``after_backward(engine, step_in_epoch)`` is the fault-injection hook (see
+    A non-finite loss on any rank raises ``FloatingPointError`` on every rank before the
+    backward pass (nothing is stepped with it). ``after_backward(engine, step_in_epoch)`` is the fault-injection hook (see
     :mod:`.faults`).
     """
     engine.train()
@@ -90,9 +91,13 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
             group["lr"] = sums.lr
         logits = engine(inputs.to(ctx.device, dtype, non_blocking=True))
         loss = F.cross_entropy(logits.float(), labels.to(ctx.device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {sums.steps + 1} "
-                                     f"of the epoch (global step {step + 1})")
+        # every rank takes the same decision (a rank that stopped alone would leave the others
+        # waiting in the gradient all-reduce)
+        if any_rank(~torch.isfinite(loss.detach()), ctx.device):
+            value = loss.item()
+            where = f"{value}" if not math.isfinite(value) else "not finite on another rank"
+            raise FloatingPointError(f"training loss is {where} at step {sums.steps + 1} of the "
+                                     f"epoch (global step {step + 1})")
         engine.backward(loss)
         if after_backward is not None:
             after_backward(engine, sums.steps + 1)

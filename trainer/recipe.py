@@ -10,8 +10,11 @@ KEY=VALUE): key.path: message`` where the value came from an override).
 A recipe file is untrusted data: no YAML tag constructs an object (``!!python/...`` is refused,
 nothing runs), duplicate keys, self-referencing aliases and alias bombs are refused before
 anything is built, and every name that becomes a path (recipe, stage, MLflow experiment) is one
-plain path component, so nothing a recipe says can place a file outside the run directory; a
-recipe may name a tracking server but not a local store.
+plain path component, so nothing a recipe says can place a run's files (checkpoints, artifacts)
+outside the run directory -- the one exception by design is ``data.prepare``, which builds the
+demo dataset at ``data.root``; a recipe may name a tracking server but not a local store, and
+``${VAR}`` is expanded in ``data.root`` and ``stages.N.init_from`` only (a shared recipe cannot
+copy the environment into what it logs).
 """
 from __future__ import annotations
 
@@ -369,12 +372,24 @@ def _list_index(items: list, key: str) -> int | None:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def _is_path_key(path: tuple) -> bool:
+    return path == ("data", "root") or (len(path) == 3 and path[0] == "stages"
+                                        and path[2] == "init_from")
+
+
 def _expand_env(value: Any, path: tuple, problems: list[tuple[tuple, str]], check: bool) -> Any:
     if isinstance(value, dict):
         return {k: _expand_env(v, path + (k,), problems, check) for k, v in value.items()}
     if isinstance(value, list):
         return [_expand_env(v, path + (i,), problems, check) for i, v in enumerate(value)]
     if not isinstance(value, str):
+        return value
+    if not _is_path_key(path):
+        # only paths are expanded: a shared recipe must not copy the environment (tokens,
+        # secrets) into its description, tags or a tracking server's address
+        if _ENV_REF.search(value):
+            problems.append((path, "environment references (${...}) are only expanded in "
+                                   "data.root and stages.N.init_from"))
         return value
 
     def substitute(match: re.Match) -> str:

@@ -26,8 +26,9 @@ from . import engine as engines
 from . import faults
 from .checkpoint import StageCheckpoints, atomic_write_text, load_model_state
 from .curves import plot_training_curves
-from .distributed import (DistributedContext, all_gather_objects, assert_replicas_agree,
-                          broadcast_object, sync_batchnorm_statistics)
+from .distributed import (DistributedContext, all_gather_objects, any_rank,
+                          assert_replicas_agree, broadcast_object, on_main_then_broadcast,
+                          sync_batchnorm_statistics)
 from .loop import EpochProgress, epoch_stats, evaluate, train_epoch
 from .preemption import Preempted
 from .progress import progress_bar, summary_line
@@ -88,22 +89,26 @@ def _stop_check(preemption, ctx: DistributedContext, stage: str, epoch: int, sta
     return stop
 
 
-def _fault_hook(stage: str, epoch: int):
+def _fault_hook(stage: str, epoch: int, rank: int):
     """Called after each backward pass with the step's number within the epoch (1-based):
     the ``kill:step`` and ``nan`` faults of :mod:`.faults`; None when no fault is set."""
     if not os.environ.get(faults.FAULT_ENV):
         return None
-    poison = faults.poison_step(stage, epoch)
+    poison = faults.poison_step(stage, epoch, rank)
 
     def hook(engine, step_in_epoch: int) -> None:
         faults.kill_point("step", stage, epoch, step_in_epoch)
         if poison == step_in_epoch:
-            with torch.no_grad():  # weights and gradients, as a bad batch would leave them
+            with torch.no_grad():  # this rank's weights only (its gradients were already sent)
                 for parameter in engine.module.parameters():
                     parameter.fill_(float("nan"))
-                    if parameter.grad is not None:
-                        parameter.grad.fill_(float("nan"))
     return hook
+
+
+def _weights_finite(module: torch.nn.Module) -> bool:
+    with torch.no_grad():
+        return all(bool(torch.isfinite(t).all()) for t in
+                   [*module.parameters(), *module.buffers()] if t.is_floating_point())
 
 
 def _divergence(stage: StageSection, epoch: int, error, checkpoints: StageCheckpoints) -> str:
@@ -164,7 +169,8 @@ def _run_stages(recipe: Recipe, state: RunState, *, ctx: DistributedContext, out
     results: list[StageResult] = []
     for index, stage in enumerate(recipe.stages):
         checkpoints = StageCheckpoints(output_dir / "checkpoints" / stage.name,
-                                       keep_last=recipe.checkpoint.keep_last, is_main=ctx.is_main)
+                                       keep_last=recipe.checkpoint.keep_last, is_main=ctx.is_main,
+                                       device=ctx.device)
         run_id = tracker.start_run(stage.name, parent=state.parent_run_id,
                                    tags={**tags, "stage": stage.name, "variant": stage.variant},
                                    run_id=state.stage_run_ids.get(stage.name))
@@ -181,7 +187,7 @@ def _run_stages(recipe: Recipe, state: RunState, *, ctx: DistributedContext, out
         transition_metrics: dict[str, float] = {}
         # every rank reads the manifest (checkpoints live on a shared file system, as DeepSpeed's)
         # rank 0 verifies the latest checkpoint (falling back to the previous good one)
-        latest = broadcast_object(checkpoints.resume_tag() if ctx.is_main else None)
+        latest = on_main_then_broadcast(checkpoints.resume_tag, ctx.is_main)
         resuming = latest is not None
         if not resuming:
             model, transition_metrics = _initial_weights(recipe, index, stage, model, ctx=ctx,
@@ -236,7 +242,7 @@ def _run_stages(recipe: Recipe, state: RunState, *, ctx: DistributedContext, out
                     on_log=lambda step, m: tracker.log_metrics(run_id, m, step),
                     progress=progress, resumed=resumed_sums if start_step else None,
                     stop=_stop_check(preemption, ctx, stage.name, epoch + 1, start_step),
-                    after_backward=_fault_hook(stage.name, epoch + 1))
+                    after_backward=_fault_hook(stage.name, epoch + 1, ctx.rank))
             except FloatingPointError as error:
                 raise FloatingPointError(_divergence(stage, epoch, error, checkpoints)) from None
             if progress is not None:
@@ -245,6 +251,11 @@ def _run_stages(recipe: Recipe, state: RunState, *, ctx: DistributedContext, out
                 _stop_mid_epoch(checkpoints, engine, ctx, preemption, tracker, state, client_state,
                                 stage=stage, epoch=epoch, step=start_step + sums.steps, sums=sums)
             stats = epoch_stats(sums, ctx)
+            # a finite loss can still come with NaN/inf gradients on the last step: such weights
+            # must never be checkpointed as "good"
+            if any_rank(not _weights_finite(engine.module), ctx.device):
+                raise FloatingPointError(_divergence(
+                    stage, epoch, "the weights are not finite after the epoch", checkpoints))
             sync_batchnorm_statistics(engine.module)
             assert_replicas_agree(engine.module, f"stage {stage.name!r} epoch {epoch + 1}")
             evaluation = evaluate(engine.module, loaders.val(), ctx=ctx, dtype=dtype,

@@ -384,7 +384,9 @@ class Tracker:
                   f"{self.journal.path} and sent when it is back", file=sys.stderr, flush=True)
 
     def _rejected(self, record: dict[str, Any], error: BaseException) -> TrackingError:
-        where = f" (journal record {record['seq']}, still pending)" if "seq" in record else ""
+        where = (f" (journal record {record['seq']}, still pending; give up on it with: "
+                 f"binaryduo tracking replay RUN_DIR --discard {record['seq']})"
+                 if "seq" in record else "")
         from mlflow.exceptions import MlflowException
 
         kind = "" if isinstance(error, MlflowException) else f"{type(error).__name__}: "
@@ -468,7 +470,7 @@ class Tracker:
         elif op == "log_artifact":
             path = record["path"]
             if self.journal is not None:
-                path = self.journal.spooled.get(record.get("seq"), path)
+                path = self.journal.artifact_source(record)
             if not Path(path).is_file():
                 from mlflow.exceptions import MlflowException
                 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST

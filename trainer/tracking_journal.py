@@ -45,6 +45,7 @@ class Journal:
         self._last_seq = 0
         self.run_ids: dict[str, str] = {}      # placeholder -> MLflow run id
         self.spooled: dict[int, str] = {}
+        self.discarded: set[int] = set()
         self.sessions: list[dict[str, Any]] = []
         self._handle = None
         self._lock = None
@@ -76,6 +77,9 @@ class Journal:
             record = self.records.get(entry["done"])
             if entry.get("run_id") and record is not None and record["op"] == "create_run":
                 self.run_ids[record["local_id"]] = entry["run_id"]
+        elif "discarded" in entry:  # given up on by the user (replay --discard)
+            self.discarded.add(entry["discarded"])
+            self._pending.pop(entry["discarded"], None)
         elif "spool" in entry:
             self.spooled[entry["spool"]] = entry["path"]
         elif "session" in entry:
@@ -131,9 +135,30 @@ class Journal:
         if run_id is not None:
             entry["run_id"] = run_id
         self._write(entry)
-        spooled = self.spooled.get(record["seq"])
-        if spooled is not None:  # delivered: the copy is no longer needed
-            shutil.rmtree(Path(spooled).parent, ignore_errors=True)
+        if record["seq"] in self.spooled:  # delivered: the copy is no longer needed
+            # the folder is computed, never read from the journal (which could be crafted)
+            shutil.rmtree(self.directory / "spool" / str(int(record["seq"])), ignore_errors=True)
+
+    def discard(self, seq: int) -> dict[str, Any]:
+        """Gives up on pending record ``seq`` (a record the store rejects would otherwise block
+        every later one); the journal keeps it, marked, for the record."""
+        record = self._pending.get(seq)
+        if record is None:
+            raise KeyError(f"record {seq} is not pending")
+        self._write({"discarded": seq})
+        return record
+
+    def artifact_source(self, record: dict[str, Any]) -> Path:
+        """The file a ``log_artifact`` record uploads: its spooled copy, else the logged path.
+        Either must lie inside the run directory: a crafted journal cannot make a replay upload
+        any other file."""
+        spooled = self.spooled.get(record.get("seq"))
+        path = Path(spooled if spooled is not None else record["path"]).resolve()
+        run_dir = self.run_dir.resolve()
+        if not path.is_relative_to(run_dir):
+            raise ValueError(f"record {record.get('seq')}: refusing to upload {path}: outside "
+                             f"the run directory {run_dir}")
+        return path
 
     def spool(self, record: dict[str, Any]) -> None:
         """Copies a pending artifact into the journal (once), so what is delivered later is the

@@ -375,3 +375,53 @@ def test_offline_then_replay_into_a_fresh_server(tmp_path, tiny_recipe, server):
     assert "not delivered" not in resumed.stderr
     after = assert_server_holds_the_journal(client, tmp_path / "run", printed)
     assert after["runs"] == before["runs"]
+
+
+def _offline_journal(tmp_path: Path) -> tuple[Path, str, str, Tracker]:
+    """An offline run directory whose journal holds a parent run with a metric; returns
+    (run directory, sqlite URI, the parent's placeholder id, the tracker)."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    run_dir = tmp_path / "run"
+    tracker = Tracker(uri, "binaryduo", enabled=True, journal_dir=run_dir, offline=True)
+    parent = tracker.start_run("parent")
+    tracker.log_metrics(parent, {"m": 1.0}, step=1)
+    return run_dir, uri, parent, tracker
+
+
+def test_a_rejected_record_can_be_discarded_and_the_rest_delivered(tmp_path):
+    run_dir, uri, parent, tracker = _offline_journal(tmp_path)
+    tracker.log_metrics("0123456789abcdef0123456789abcdef", {"m": 2.0}, step=2)  # no such run
+    tracker.log_metrics(parent, {"m": 3.0}, step=3)
+    tracker.close()
+    bad = next(r["seq"] for r in Journal(run_dir).pending()
+               if r.get("run_id") == "0123456789abcdef0123456789abcdef")
+
+    stuck = _binaryduo("tracking", "replay", run_dir, cwd=tmp_path)
+    assert stuck.returncode == 1
+    assert f"binaryduo tracking replay RUN_DIR --discard {bad}" in stuck.stderr
+    done = _binaryduo("tracking", "replay", run_dir, "--discard", bad, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"discarded record {bad}" in done.stdout and "nothing pending" in done.stdout
+    journal = Journal(run_dir)
+    assert not journal.pending() and journal.discarded == {bad}
+    real = journal.run_ids[parent]
+    history = MlflowClient(tracking_uri=uri).get_metric_history(real, "m")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (3, 3.0)]
+
+
+def test_a_crafted_journal_cannot_upload_or_delete_files_outside_the_run(tmp_path):
+    run_dir, uri, parent, tracker = _offline_journal(tmp_path)
+    secret = tmp_path / "elsewhere" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("private")
+    tracker.log_artifact(parent, secret)  # a path outside the run directory
+    tracker.close()
+    seq = next(r["seq"] for r in Journal(run_dir).pending() if r["op"] == "log_artifact")
+    with open(run_dir / "mlflow-journal" / "journal.jsonl", "a") as journal:  # and a spool line
+        journal.write(json.dumps({"spool": seq, "path": str(secret)}) + "\n")
+    refused = _binaryduo("tracking", "replay", run_dir, cwd=tmp_path)
+    assert refused.returncode == 1
+    assert f"refusing to upload {secret}: outside the run directory" in refused.stderr
+    assert secret.read_text() == "private"  # not deleted either
+    real = Journal(run_dir).run_ids[parent]
+    assert not MlflowClient(tracking_uri=uri).list_artifacts(real)

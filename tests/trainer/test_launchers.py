@@ -3,6 +3,7 @@ same result as one rank with the same global batch, one MLflow record, preemptio
 and a failing rank that fails the job promptly. (``srun`` is tested in tests/slurm.)"""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -192,3 +193,43 @@ def test_a_failing_rank_fails_the_job_promptly_with_its_error(runs):
     assert "binaryduo: rank 1/2 failed" in failed.stderr
     # it fails when rank 1 does, not after a collective timeout: well within the healthy run
     assert seconds < runs["duo_seconds"] + 60, seconds
+
+
+def _stopped_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("binaryduo: run stopped")]
+
+
+def test_nan_on_one_rank_stops_both_ranks_in_the_same_step(runs):
+    """Rank 1 alone diverges (weights poisoned after step 3 of epoch 2); the per-step check is
+    agreed by all ranks, so both stop before step 4's backward pass instead of one of them
+    waiting in the gradient all-reduce."""
+    root = runs["root"]
+    started = time.perf_counter()
+    # per-rank BatchNorm statistics: with the default global ones rank 1's NaN activations
+    # reach rank 0's forward pass too, and both would see a NaN loss themselves
+    failed = _launch("torchrun", runs["fp"], root / "nan", f"sqlite:///{root}/nan.db",
+                     "--set", "deepspeed.sync_batchnorm=false", fault="nan:fp:2:3:1",
+                     timeout=300)
+    assert failed.returncode != 0
+    assert time.perf_counter() - started < runs["duo_seconds"] + 60  # no collective time-out
+    lines = _stopped_lines(failed)
+    assert len(lines) == 2, failed.stderr[-3000:]
+    assert any("training loss is nan at step 4 of the epoch" in line for line in lines)
+    assert any("not finite on another rank at step 4 of the epoch" in line for line in lines)
+    assert all("stage 'fp' epoch 2" in line and "epoch-0001 is kept" in line for line in lines)
+    manifest = json.loads((root / "nan" / "checkpoints" / "fp" / "manifest.json").read_text())
+    assert manifest["latest"] == "epoch-0001"
+
+
+def test_a_checkpoint_write_failing_on_rank_0_stops_both_ranks(runs):
+    root = runs["root"]
+    failed = _launch("torchrun", runs["fp"], root / "full", f"sqlite:///{root}/full.db",
+                     fault="disk_full:fp:2", timeout=300)
+    assert failed.returncode != 0
+    lines = _stopped_lines(failed)
+    assert len(lines) == 2, failed.stderr[-3000:]
+    assert any("No space left on device" in line for line in lines)
+    assert any("another rank could not write its part" in line for line in lines)
+    assert all("the previous checkpoint epoch-0001 is intact" in line for line in lines)
+    stage = root / "full" / "checkpoints" / "fp"
+    assert sorted(p.name for p in stage.iterdir()) == ["epoch-0001", "manifest.json"]
