@@ -27,7 +27,6 @@ containers -- i.e. one that could run code -- is refused (:class:`UntrustedCheck
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -41,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import faults
+from .distributed import any_rank
 
 MODEL_FILE = "model_state.pt"
 MANIFEST = "manifest.json"
@@ -61,11 +61,16 @@ class UntrustedCheckpointError(RuntimeError):
 
 
 def _attempt(action) -> BaseException | None:
-    """Runs ``action``; returns the write error it raised (a full disk, ...), or None."""
+    """Runs ``action``; returns the write error it raised (a full disk, ...), or None. The
+    OSError behind a library's RuntimeError (torch.save reports a failed write as a zip-writer
+    error) is the one returned: it says what happened."""
     try:
         action()
     except (OSError, RuntimeError) as error:
-        return error
+        cause = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        return cause or error
     return None
 
 
@@ -248,10 +253,9 @@ class StageCheckpoints:
     def _complete(self, engine, partial: Path, stage: str, epoch: int, step: int) -> None:
         """The portable model file and the checksums, inside ``partial`` (rank 0)."""
         state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        faults.write_bytes(partial / MODEL_FILE, buffer.getvalue(),
-                           fail=not step and faults.disk_full(stage, epoch))
+        with open(partial / MODEL_FILE, "wb") as handle:  # fsynced by write_checksums
+            full = not step and faults.disk_full(stage, epoch)
+            torch.save(state, faults.FullDisk(handle) if full else handle)
         write_checksums(partial)
 
     def _publish(self, partial: Path, tag: str, stage: str, epoch: int, step: int,
@@ -268,7 +272,6 @@ class StageCheckpoints:
 
     def _failed_anywhere(self, error: BaseException | None) -> bool:
         """Collective: did this step fail on any rank?"""
-        from .distributed import any_rank
         return any_rank(error is not None, self.device)
 
     def _write_error(self, tag: str, stage: str, error: BaseException | None) -> CheckpointWriteError:

@@ -14,8 +14,8 @@ nothing. One fault per process, ``KIND:ARGS`` (epochs and steps 1-based, STAGE a
 - ``error:RANK:STAGE:EPOCH``: rank RANK raises at the start of EPOCH (a crashing rank);
 - ``signal:SIG:RANK:STAGE:EPOCH:STEP``: rank RANK sends itself SIGUSR1/SIGTERM after STEP
   (preemption, through the real handler; see stages._stop_check);
-- ``disk_full:STAGE:EPOCH``: writing EPOCH's checkpoint fails half-way with ENOSPC, as a full
-  disk does (the file is left half-written);
+- ``disk_full:STAGE:EPOCH``: writing EPOCH's checkpoint fails part-way with ENOSPC, as a full
+  disk does (the model file is left cut short);
 - ``nan:STAGE:EPOCH:STEP[:RANK]``: after step STEP's backward pass the weights are poisoned
   with NaN (divergence), on every rank or on RANK only.
 """
@@ -61,17 +61,23 @@ def disk_full(stage: str, epoch: int) -> bool:
     return _fault() == ["disk_full", stage, str(epoch)]
 
 
-def write_bytes(path, data: bytes, *, fail: bool) -> None:
-    """Writes ``data`` to ``path`` (fsynced); with ``fail``, writes half of it and raises ENOSPC
-    the way a full disk does."""
-    with open(path, "wb") as handle:
-        if fail:
-            handle.write(data[:len(data) // 2])
-            handle.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+class FullDisk:
+    """A file whose disk fills up after ``room`` bytes: the write that overflows writes what
+    fits, then raises ENOSPC, as a full disk does (the file is left cut short)."""
+
+    def __init__(self, handle, room: int = 1 << 16):
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.handle.write(bytes(data[:self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.handle.name)
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def poison_step(stage: str, epoch: int, rank: int) -> int | None:
