@@ -9,6 +9,8 @@ PACKAGE_DIRS = {
     "binaryduo.models": "models",
     "binaryduo.data": "data",
     "binaryduo.trainer": "trainer",
+    **{f"binaryduo.trainer.{sub}": f"trainer/{sub}"
+       for sub in ("cli", "recipe", "run", "runtime", "tracking", "analysis")},
     # data, not code: the sbatch templates and their README, found with importlib.resources
     "binaryduo.slurm": "slurm",
 }
@@ -38,5 +40,5 @@ setup(
     package_data={"binaryduo.slurm": ["*.sbatch", "README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["binaryduo = binaryduo.trainer.cli:main"]},
+    entry_points={"console_scripts": ["binaryduo = binaryduo.trainer.cli.main:main"]},
 )

@@ -30,8 +30,8 @@ import time
 import torch
 
 from binaryduo import models
-from binaryduo.trainer import mismatch
-from binaryduo.trainer.mismatch_report import select_layers, short_name
+from binaryduo.trainer.analysis import mismatch
+from binaryduo.trainer.analysis.mismatch_report import select_layers, short_name
 
 
 def main() -> None:

@@ -1,2 +1,2 @@
 """sbatch templates and their README, installed as ``binaryduo.slurm`` so ``importlib.resources``
-finds them; data only (``binaryduo.trainer.slurm`` renders and submits them)."""
+finds them; data only (``binaryduo.slurm.jobs`` renders and submits them)."""

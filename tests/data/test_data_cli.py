@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from binaryduo.trainer import commands_data
-from binaryduo.trainer.cli import UsageError
+from binaryduo.trainer.cli import data as commands_data
+from binaryduo.trainer.cli.errors import UsageError
 
 
 def run(argv):

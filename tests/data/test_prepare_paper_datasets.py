@@ -35,7 +35,7 @@ def run_cli(*args, cwd):
 def cli(capsys, monkeypatch):
     """The same command in-process (``cli.main``): exit status, stdout, stderr; ~2 s cheaper per
     call than a process (torch import), for the many bad-input cases."""
-    from binaryduo.trainer.cli import main
+    from binaryduo.trainer.cli.main import main
 
     def call(*args, cwd):
         monkeypatch.chdir(cwd)

@@ -18,7 +18,8 @@ from typing import Callable
 
 import pytest
 
-from binaryduo.trainer.cli import EXIT_USAGE, main
+from binaryduo.trainer.cli.errors import EXIT_USAGE
+from binaryduo.trainer.cli.main import main
 
 UNSET_VAR = "BINARYDUO_TEST_SURELY_UNSET"
 MLFLOW_STORES = ("mlflow.db", "mlruns", "mlartifacts")

@@ -2,7 +2,7 @@
 real command (tiny two-stage BinaryDuo recipe: coupled 2 epochs -> decouple -> fine-tune 1 epoch,
 16 steps each, Fashion-MNIST, DALI CPU, DeepSpeed on gloo, MLflow sqlite).
 
-Faults come from ``BINARYDUO_FAULT`` (binaryduo.trainer.faults): a real SIGKILL at a named point,
+Faults come from ``BINARYDUO_FAULT`` (binaryduo.trainer.runtime.faults): a real SIGKILL at a named point,
 a checkpoint writer that fails half-way with ENOSPC, weights poisoned with NaN. The reference is an
 uninterrupted run of the same seeded recipe; "bitwise" means every tensor of every final model
 file is equal.

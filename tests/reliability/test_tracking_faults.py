@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from binaryduo.trainer.tracking import Tracker
-from binaryduo.trainer.tracking_journal import Journal
+from binaryduo.trainer.tracking.tracker import Tracker
+from binaryduo.trainer.tracking.journal import Journal
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from binaryduo.trainer import slurm
-from binaryduo.trainer.cli import main
-from binaryduo.trainer.recipe import load_recipe
+from binaryduo.slurm import jobs as slurm
+from binaryduo.trainer.cli.main import main
+from binaryduo.trainer.recipe.schema import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 

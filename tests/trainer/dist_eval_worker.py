@@ -5,10 +5,10 @@ import sys
 import torch
 
 from binaryduo import models
-from binaryduo.trainer.distributed import init_distributed, sync_batchnorm_statistics, teardown
-from binaryduo.trainer.feed import DataFeed
-from binaryduo.trainer.loop import evaluate
-from binaryduo.trainer.recipe import DataSection
+from binaryduo.trainer.runtime.distributed import init_distributed, sync_batchnorm_statistics, teardown
+from binaryduo.trainer.run.feed import DataFeed
+from binaryduo.trainer.run.loop import evaluate
+from binaryduo.trainer.recipe.schema import DataSection
 
 
 def main(root: str, out: str) -> None:

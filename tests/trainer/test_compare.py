@@ -36,7 +36,7 @@ CIFAR_FP = ("--filter", "tags.recipe LIKE 'cifar10_%'",
 def compare(capsys, monkeypatch):
     """``binaryduo compare --tracking-uri STORE ...`` in-process (``cli.main``; a real process is
     used in test_bad_input and test_plot): exit status, stdout, stderr."""
-    from binaryduo.trainer.cli import main
+    from binaryduo.trainer.cli.main import main
 
     def call(store_or_uri, *args, cwd=None, check=True):
         uri = getattr(store_or_uri, "uri", store_or_uri)
@@ -190,7 +190,7 @@ def test_bad_input(store, compare, run_binaryduo, tmp_path, case, message):
 
 def test_demo_table_reads_through_compare(store, tmp_path):
     """demo.py's table uses compare's reader: it finds no finished non-smoke demo run here."""
-    from binaryduo.trainer.demo import demo_table
+    from binaryduo.trainer.cli.demo import demo_table
     with pytest.raises(RuntimeError, match="no finished MLflow run of recipe"):
         demo_table(store.uri)
     assert re.search("cifar10", " ".join(p.name for p in (store.root / "runs").iterdir()))
@@ -202,7 +202,7 @@ def test_latest_running_runs_and_dataset_names(tmp_path, compare):
     row says epochs 2/5 and that it is running."""
     import time
 
-    from binaryduo.trainer.tracking import Tracker
+    from binaryduo.trainer.tracking.tracker import Tracker
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "binaryduo", enabled=True)
     ids = []

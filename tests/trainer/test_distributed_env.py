@@ -4,8 +4,8 @@ import signal
 
 import pytest
 
-from binaryduo.trainer import distributed
-from binaryduo.trainer.preemption import Preemption
+from binaryduo.trainer.runtime import distributed
+from binaryduo.trainer.runtime.preemption import Preemption
 
 
 @pytest.mark.parametrize("nodelist, first", [

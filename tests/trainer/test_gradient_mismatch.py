@@ -10,8 +10,10 @@ from torch import nn
 from binaryduo import models
 from binaryduo.models.layers import ActQuant
 from binaryduo.models.quantizers import quantize_activation
-from binaryduo.trainer import cli, commands_analysis, mismatch
-from binaryduo.trainer import mismatch_report as report
+from binaryduo.trainer.cli import main as cli
+from binaryduo.trainer.cli import analysis as commands_analysis
+from binaryduo.trainer.analysis import mismatch
+from binaryduo.trainer.analysis import mismatch_report as report
 
 F64 = torch.float64
 

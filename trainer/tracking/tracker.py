@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .tracking_journal import Journal, JournalBusy
+from binaryduo.trainer.tracking.journal import Journal, JournalBusy
 
 DEFAULT_DB = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"

@@ -23,7 +23,7 @@ from torch import nn
 
 from binaryduo.models.quantizers import STE
 
-from . import mismatch
+from binaryduo.trainer.analysis import mismatch
 
 #: The activation-type names understood besides ``K-bit`` (K = 1..16).
 NAMED_ACTIVATIONS = {"fp": {"act_bits": 32}, "ternary": {"act_levels": 2},

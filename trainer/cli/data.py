@@ -17,12 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-EXIT_CHECK_FAILED = 1
-
-
-def _usage_error(message: str) -> Exception:
-    from binaryduo.trainer.cli import UsageError  # lazy: cli imports this module
-    return UsageError(message)
+from binaryduo.trainer.cli.errors import EXIT_CHECK_FAILED, UsageError, one_line_errors
 
 
 def cmd_prepare_fashion_mnist(args: argparse.Namespace) -> int:
@@ -31,23 +26,11 @@ def cmd_prepare_fashion_mnist(args: argparse.Namespace) -> int:
     try:
         result = prepare_fashion_mnist(args.out, source_dir=args.source, force=args.force)
     except (SourceMissingError, DatasetExistsError) as error:
-        raise _usage_error(str(error)) from None
+        raise UsageError(str(error)) from None
     except (NotADirectoryError, PermissionError) as error:
-        raise _usage_error(f"{args.out}: {error.strerror or error}") from None
+        raise UsageError(f"{args.out}: {error.strerror or error}") from None
     print(result.format())
     return 0
-
-
-def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """argparse's own errors (a missing option, a bad choice) as the CLI's one
-    ``binaryduo: error: ...`` line, exit status 2 (instead of a usage block)."""
-    import sys
-
-    def error(message: str):
-        print(f"binaryduo: error: {parser.prog}: {message}", file=sys.stderr)
-        sys.exit(2)
-    parser.error = error
-    return parser
 
 
 def _prepare_errors():
@@ -63,9 +46,9 @@ def _run_prepare(out: str, call):
     try:
         result = call()
     except _prepare_errors() as error:
-        raise _usage_error(" ".join(str(error).split())) from None
+        raise UsageError(" ".join(str(error).split())) from None
     except (NotADirectoryError, PermissionError) as error:
-        raise _usage_error(f"{out}: {error.strerror or error}") from None
+        raise UsageError(f"{out}: {error.strerror or error}") from None
     print(result.format())
     return 0
 
@@ -85,7 +68,7 @@ def cmd_prepare_imagenet_val(args: argparse.Namespace) -> int:
 def cmd_prepare_resized(args: argparse.Namespace) -> int:
     from binaryduo.data.imagenet import prepare_resized
     if args.workers is not None and args.workers < 1:
-        raise _usage_error(f"--workers {args.workers}: must be >= 1")
+        raise UsageError(f"--workers {args.workers}: must be >= 1")
     return _run_prepare(args.out, lambda: prepare_resized(
         args.source, args.out, shorter_side=args.shorter_side, quality=args.quality,
         workers=args.workers, force=args.force))
@@ -94,13 +77,13 @@ def cmd_prepare_resized(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from binaryduo.data.check import check_dataset, default_cache_dir
     if args.workers is not None and args.workers < 1:
-        raise _usage_error(f"--workers {args.workers}: must be >= 1")
+        raise UsageError(f"--workers {args.workers}: must be >= 1")
     depth = "full" if args.full else "header" if args.no_decode else "quick"
     try:
         report = check_dataset(args.dir, depth=depth, workers=args.workers,
                                cache_dir=None if args.no_cache else default_cache_dir())
     except NotADirectoryError:
-        raise _usage_error(f"data check: {args.dir}: not a directory") from None
+        raise UsageError(f"data check: {args.dir}: not a directory") from None
     if args.json:
         print(json.dumps({"root": str(report.root), "layout": report.layout, "ok": report.ok,
                           "images": report.images, "classes": report.classes,

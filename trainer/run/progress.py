@@ -5,7 +5,7 @@ import sys
 
 from tqdm import tqdm
 
-from .distributed import DistributedContext
+from binaryduo.trainer.runtime.distributed import DistributedContext
 
 
 def progress_bar(stage: str, epoch: int, epochs: int, steps: int, ctx: DistributedContext, *,

@@ -6,20 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .tracking import resolve_tracking_uri
+from binaryduo.trainer.tracking.tracker import resolve_tracking_uri
 
 RECIPES = ("fashion_mnist_vgg7_bnn.yaml", "fashion_mnist_vgg7_binaryduo.yaml")
 
 
 def demo_recipe_dir() -> Path:
     """recipes/demo of the source tree (the package is installed editable from it)."""
-    return Path(__file__).resolve().parent.parent / "recipes" / "demo"
+    return Path(__file__).resolve().parents[2] / "recipes" / "demo"
 
 
 def demo_table(uri: str, experiment: str = "binaryduo") -> str:
     """Top-1 of BNN, coupled, decoupled before / after fine-tuning, Mbit and FLOPs, from MLflow
     (read with :mod:`.compare`, which ``binaryduo compare`` uses for every recipe)."""
-    from .compare import experiment_id, latest_parent, open_store, stage_metrics
+    from binaryduo.trainer.tracking.compare import experiment_id, latest_parent, open_store, stage_metrics
 
     client = open_store(uri)
     experiment_id_ = experiment_id(client, experiment)

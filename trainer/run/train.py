@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import atomic_write_text
-from .preemption import EXIT_PREEMPTED, Preempted, Preemption, requeue_slurm_job
-from .recipe import Recipe, load_recipe
-from .tracking import Tracker, check_tracking_server, resolve_tracking_uri
+from binaryduo.trainer.run.checkpoint import atomic_write_text
+from binaryduo.trainer.runtime.preemption import EXIT_PREEMPTED, Preempted, Preemption, requeue_slurm_job
+from binaryduo.trainer.recipe.schema import Recipe, load_recipe
+from binaryduo.trainer.tracking.tracker import Tracker, check_tracking_server, resolve_tracking_uri
 
 
 def smoke_recipe(recipe: Recipe) -> Recipe:
@@ -66,11 +66,11 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
 
     import torch
 
-    from . import stages
-    from .distributed import broadcast_object, init_distributed, teardown
-    from .engine import resolve_dtype
-    from .feed import DataFeed, check_data
-    from .provenance import code_version, hardware, package_versions, recipe_hash
+    from binaryduo.trainer.run import runner as stages
+    from binaryduo.trainer.runtime.distributed import broadcast_object, init_distributed, teardown
+    from binaryduo.trainer.run.deepspeed_engine import resolve_dtype
+    from binaryduo.trainer.run.feed import DataFeed, check_data
+    from binaryduo.trainer.tracking.provenance import code_version, hardware, package_versions, recipe_hash
 
     ctx = init_distributed()
     clean = False

@@ -12,7 +12,7 @@ import torch
 
 PACKAGES = ("binaryduo", "torch", "torchvision", "deepspeed", "nvidia-dali-cuda130", "mlflow",
             "pydantic", "pyyaml")
-SOURCE_DIR = Path(__file__).resolve().parent.parent
+SOURCE_DIR = Path(__file__).resolve().parents[2]
 
 
 def code_version() -> dict[str, object]:

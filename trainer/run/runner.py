@@ -22,20 +22,20 @@ import torch
 
 from binaryduo import models
 
-from . import engine as engines
-from . import faults
-from .checkpoint import StageCheckpoints, atomic_write_text, load_model_state
-from .curves import plot_training_curves
-from .distributed import (DistributedContext, all_gather_objects, any_rank,
+from binaryduo.trainer.run import deepspeed_engine as engines
+from binaryduo.trainer.runtime.faults import FaultHooks
+from binaryduo.trainer.run.checkpoint import StageCheckpoints, atomic_write_text, load_model_state
+from binaryduo.trainer.tracking.curves import plot_training_curves
+from binaryduo.trainer.runtime.distributed import (DistributedContext, all_gather_objects, any_rank,
                           assert_replicas_agree, broadcast_object, on_main_then_broadcast,
                           sync_batchnorm_statistics)
-from .loop import EpochProgress, epoch_stats, evaluate, train_epoch
-from .preemption import Preempted
-from .progress import progress_bar, summary_line
-from .recipe import Recipe, StageSection
-from .schedules import learning_rate
-from .sync_batchnorm import synchronize_batchnorm
-from .tracking import Tracker, flatten
+from binaryduo.trainer.run.loop import EpochProgress, epoch_stats, evaluate, train_epoch
+from binaryduo.trainer.runtime.preemption import Preempted
+from binaryduo.trainer.run.progress import progress_bar, summary_line
+from binaryduo.trainer.recipe.schema import Recipe, StageSection
+from binaryduo.trainer.run.schedules import learning_rate
+from binaryduo.trainer.runtime.sync_batchnorm import synchronize_batchnorm
+from binaryduo.trainer.tracking.tracker import Tracker, flatten
 
 RUN_STATE = "run_state.json"
 
@@ -73,36 +73,25 @@ class StageResult:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def _stop_check(preemption, ctx: DistributedContext, stage: str, epoch: int, start_step: int):
-    """The loop's per-step question "stop now?"; a ``signal`` fault (see :mod:`.faults`) makes
-    this rank send itself SIGUSR1/SIGTERM after a given step, through the real handler."""
+def _stop_check(preemption, ctx: DistributedContext, stage: str, epoch: int, start_step: int,
+                faults: FaultHooks):
+    """The loop's per-step question "stop now?" (a ``signal`` fault is sent from here)."""
     if preemption is None:
         return None
-    target = faults.signal_after(stage, epoch, ctx.rank)
     done = [start_step]
 
     def stop() -> bool:
         done[0] += 1
-        if target is not None and done[0] == target[1]:
-            os.kill(os.getpid(), target[0])
+        faults.after_step(stage, epoch, done[0])
         return preemption.requested(ctx.device)
     return stop
 
 
-def _fault_hook(stage: str, epoch: int, rank: int):
-    """Called after each backward pass with the step's number within the epoch (1-based):
-    the ``kill:step`` and ``nan`` faults of :mod:`.faults`; None when no fault is set."""
-    if not os.environ.get(faults.FAULT_ENV):
+def _fault_hook(stage: str, epoch: int, faults: FaultHooks):
+    if not faults.active:
         return None
-    poison = faults.poison_step(stage, epoch, rank)
-
-    def hook(engine, step_in_epoch: int) -> None:
-        faults.kill_point("step", stage, epoch, step_in_epoch)
-        if poison == step_in_epoch:
-            with torch.no_grad():  # this rank's weights only (its gradients were already sent)
-                for parameter in engine.module.parameters():
-                    parameter.fill_(float("nan"))
-    return hook
+    return lambda engine, step_in_epoch: faults.after_backward(engine.module, stage, epoch,
+                                                               step_in_epoch)
 
 
 def _weights_finite(module: torch.nn.Module) -> bool:
@@ -167,10 +156,11 @@ def _run_stages(recipe: Recipe, state: RunState, *, ctx: DistributedContext, out
                 tracker: Tracker, loaders, dtype: torch.dtype, tags: dict[str, str],
                 artifacts_dir: Path, recipe_hash: str, preemption) -> list[StageResult]:
     results: list[StageResult] = []
+    faults = FaultHooks.from_environment(ctx.rank)
     for index, stage in enumerate(recipe.stages):
         checkpoints = StageCheckpoints(output_dir / "checkpoints" / stage.name,
                                        keep_last=recipe.checkpoint.keep_last, is_main=ctx.is_main,
-                                       device=ctx.device)
+                                       device=ctx.device, faults=faults)
         run_id = tracker.start_run(stage.name, parent=state.parent_run_id,
                                    tags={**tags, "stage": stage.name, "variant": stage.variant},
                                    run_id=state.stage_run_ids.get(stage.name))
@@ -193,7 +183,8 @@ def _run_stages(recipe: Recipe, state: RunState, *, ctx: DistributedContext, out
             model, transition_metrics = _initial_weights(recipe, index, stage, model, ctx=ctx,
                                                          output_dir=output_dir, loaders=loaders,
                                                          dtype=dtype, tracker=tracker, run_id=run_id,
-                                                         artifacts_dir=artifacts_dir)
+                                                         artifacts_dir=artifacts_dir,
+                                                         faults=faults)
         model.to(ctx.device)
         if recipe.deepspeed.sync_batchnorm and ctx.world_size > 1:
             synchronize_batchnorm(model)
@@ -227,7 +218,7 @@ def _run_stages(recipe: Recipe, state: RunState, *, ctx: DistributedContext, out
         top1 = top5 = float("nan")
         for epoch in range(first_epoch, stage.epochs):
             start_step = first_step_in_epoch if epoch == first_epoch else 0
-            faults.rank_error(stage.name, epoch + 1, ctx.rank)
+            faults.epoch_started(stage.name, epoch + 1)
             torch.manual_seed(stage_seed(recipe.seed, index, epoch + 1))
             if start_step:
                 _set_rng_states(rng_states)
@@ -241,8 +232,8 @@ def _run_stages(recipe: Recipe, state: RunState, *, ctx: DistributedContext, out
                     log_every=recipe.logging.every_steps,
                     on_log=lambda step, m: tracker.log_metrics(run_id, m, step),
                     progress=progress, resumed=resumed_sums if start_step else None,
-                    stop=_stop_check(preemption, ctx, stage.name, epoch + 1, start_step),
-                    after_backward=_fault_hook(stage.name, epoch + 1, ctx.rank))
+                    stop=_stop_check(preemption, ctx, stage.name, epoch + 1, start_step, faults),
+                    after_backward=_fault_hook(stage.name, epoch + 1, faults))
             except FloatingPointError as error:
                 raise FloatingPointError(_divergence(stage, epoch, error, checkpoints)) from None
             if progress is not None:
@@ -347,7 +338,8 @@ def _stop_mid_epoch(checkpoints: StageCheckpoints, engine, ctx: DistributedConte
 def _initial_weights(recipe: Recipe, index: int, stage: StageSection, model: torch.nn.Module, *,
                      ctx: DistributedContext, output_dir: Path, loaders, dtype: torch.dtype,
                      tracker: Tracker, run_id: str | None,
-                     artifacts_dir: Path) -> tuple[torch.nn.Module, dict[str, float]]:
+                     artifacts_dir: Path,
+                     faults: FaultHooks) -> tuple[torch.nn.Module, dict[str, float]]:
     if stage.init_from is None:
         return model, {}
     if stage.init_from != "previous":

@@ -14,24 +14,21 @@ import argparse
 import sys
 from pathlib import Path
 
-
-def _usage_error(message: str) -> Exception:
-    from binaryduo.trainer.cli import UsageError  # lazy: cli imports this module
-    return UsageError(message)
+from binaryduo.trainer.cli.errors import UsageError, one_line_errors
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import compare
-    from .tracking import resolve_tracking_uri
+    from binaryduo.trainer.tracking import compare
+    from binaryduo.trainer.tracking.tracker import resolve_tracking_uri
 
     plot = Path(args.plot) if args.plot else None
     if plot is not None:
         if plot.suffix.lower() != ".png":
-            raise _usage_error(f"--plot {plot}: expected a .png file name")
+            raise UsageError(f"--plot {plot}: expected a .png file name")
         if not plot.parent.is_dir():
-            raise _usage_error(f"--plot {plot}: directory {plot.parent} does not exist")
+            raise UsageError(f"--plot {plot}: directory {plot.parent} does not exist")
         if plot.is_dir():
-            raise _usage_error(f"--plot {plot}: is a directory")
+            raise UsageError(f"--plot {plot}: is a directory")
     uri = resolve_tracking_uri(args.tracking_uri, None)
     try:
         client = compare.open_store(uri)
@@ -40,7 +37,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                        include_smoke=args.include_smoke, latest=args.latest)
         rows = compare.compare_rows(records, client, paper=not args.paper_off)
     except compare.CompareError as error:
-        raise _usage_error(str(error)) from None
+        raise UsageError(str(error)) from None
     print(compare.format_rows(rows, args.format))
     if not records:
         print(f"binaryduo: note: no {'' if args.include_smoke else 'non-smoke '}runs match in "
@@ -55,8 +52,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Adds ``compare`` to the CLI's subparsers."""
-    from .commands_data import one_line_errors
-    from .compare import FORMATS
+    from binaryduo.trainer.tracking.compare import FORMATS
 
     parser = one_line_errors(subparsers.add_parser(
         "compare", help="paper-style table and plots of the runs in MLflow",

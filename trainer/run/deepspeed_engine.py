@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import DistributedContext
-from .recipe import Recipe, StageSection
+from binaryduo.trainer.runtime.distributed import DistributedContext
+from binaryduo.trainer.recipe.schema import Recipe, StageSection
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

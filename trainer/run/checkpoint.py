@@ -39,8 +39,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import faults
-from .distributed import any_rank
+from binaryduo.trainer.runtime.faults import NO_FAULTS, FaultHooks
+from binaryduo.trainer.runtime.distributed import any_rank
 
 MODEL_FILE = "model_state.pt"
 MANIFEST = "manifest.json"
@@ -178,11 +178,12 @@ class StageCheckpoints:
     """Checkpoints of one stage; every rank calls ``save`` (DeepSpeed needs all of them)."""
 
     def __init__(self, directory: Path, *, keep_last: int, is_main: bool,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", faults: FaultHooks = NO_FAULTS):
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.is_main = is_main
         self.device = torch.device(device)  # where the ranks' agreement flags are reduced
+        self.faults = faults
 
     # -- manifest -------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
@@ -236,7 +237,7 @@ class StageCheckpoints:
             str(self.directory), tag=partial.name, client_state=client_state, save_latest=False))
         failed = self._failed_anywhere(error)
         if not failed:
-            faults.kill_point("checkpoint", stage, epoch)
+            self.faults.kill_point("checkpoint", stage, epoch)
             if self.is_main:
                 error = _attempt(lambda: self._complete(engine, partial, stage, epoch, step))
             failed = self._failed_anywhere(error)
@@ -254,8 +255,7 @@ class StageCheckpoints:
         """The portable model file and the checksums, inside ``partial`` (rank 0)."""
         state = {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
         with open(partial / MODEL_FILE, "wb") as handle:  # fsynced by write_checksums
-            full = not step and faults.disk_full(stage, epoch)
-            torch.save(state, faults.FullDisk(handle) if full else handle)
+            torch.save(state, self.faults.checkpoint_file(handle, stage, epoch, step))
         write_checksums(partial)
 
     def _publish(self, partial: Path, tag: str, stage: str, epoch: int, step: int,
@@ -264,7 +264,7 @@ class StageCheckpoints:
         final = self.directory / tag
         shutil.rmtree(final, ignore_errors=True)  # an epoch redone after a resume
         os.replace(partial, final)
-        faults.kill_point("manifest", stage, epoch)
+        self.faults.kill_point("manifest", stage, epoch)
         if step:
             self._update_manifest_mid_epoch(tag, epoch, step)
         else:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from binaryduo.models import clip_latent_weights_
 
-from .distributed import DistributedContext, all_reduce_sum, any_rank
+from binaryduo.trainer.runtime.distributed import DistributedContext, all_reduce_sum, any_rank
 
 
 @dataclass(frozen=True)

@@ -9,33 +9,12 @@ import argparse
 import json
 import sys
 
-import yaml
-
 from binaryduo import models
 
-from .model_report import cost_summary_table, decoupling_table, verify_decoupling
-
-EXIT_USAGE = 2
-EXIT_CHECK_FAILED = 1
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs; reported as one line, exit status 2."""
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` model options; values are read as YAML scalars (1, 0.5, true, null, text)."""
-    options = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--option {pair!r}: expected KEY=VALUE")
-        try:
-            options[key] = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as error:
-            raise UsageError(f"--option {pair!r}: value is not a YAML scalar ({error})") from None
-    return options
-
+from binaryduo.trainer.analysis.model_report import (cost_summary_table, decoupling_table,
+                                                     verify_decoupling)
+from binaryduo.trainer.cli.errors import (EXIT_CHECK_FAILED, EXIT_USAGE, UsageError, parse_model_options,
+                                          print_problems)
 
 def _check_model_args(names: list[str], variants: list[str], options: dict) -> None:
     """Resolves every requested config up front so bad input fails before any model is built."""
@@ -48,7 +27,7 @@ def _check_model_args(names: list[str], variants: list[str], options: dict) -> N
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    options = _parse_options(args.option)
+    options = parse_model_options(args.option)
     if args.all:
         if args.model:
             raise UsageError("report: give a MODEL or --all, not both")
@@ -70,7 +49,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_decoupling(args: argparse.Namespace) -> int:
-    options = _parse_options(args.option)
+    options = parse_model_options(args.option)
     names = args.models or models.names()
     _check_model_args(names, ["coupled"], options)
     if args.batch < 1:
@@ -94,14 +73,12 @@ def cmd_analyze_decoupling(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .recipe import RecipeError, load_recipe
+    from binaryduo.trainer.recipe.schema import RecipeError, load_recipe
 
     try:
         recipe = load_recipe(args.recipe, args.set, schema_only=args.schema_only)
     except RecipeError as error:
-        for problem in error.problems:
-            print(f"binaryduo: error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return print_problems(error.problems)
     stages = " -> ".join(f"{s.name} ({s.variant}, {s.epochs} ep"
                          + (", via decouple" if s.transition == "decouple" else "") + ")"
                          for s in recipe.stages)
@@ -112,12 +89,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import RecipeError
-    from .run import train
-    from .checkpoint import (CheckpointCorruptError, CheckpointWriteError,
-                             UntrustedCheckpointError)
-    from .stages import StageTransitionError
-    from .tracking import TrackingError, TrackingUnavailable
+    from binaryduo.trainer.recipe.schema import RecipeError
+    from binaryduo.trainer.run.train import train
+    from binaryduo.trainer.run.checkpoint import (CheckpointCorruptError, CheckpointWriteError,
+                                                  UntrustedCheckpointError)
+    from binaryduo.trainer.run.runner import StageTransitionError
+    from binaryduo.trainer.tracking.tracker import TrackingError, TrackingUnavailable
 
     try:
         return train(args.recipe, overrides=args.set, output=args.output,
@@ -129,9 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"binaryduo: run stopped: {error}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     except RecipeError as error:
-        for problem in error.problems:
-            print(f"binaryduo: error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return print_problems(error.problems)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
     except (StageTransitionError, FloatingPointError, CheckpointWriteError,
@@ -141,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from binaryduo.trainer.cli.demo import run_demo
 
     return run_demo(output=args.output, tracking_uri=args.tracking_uri)
 
@@ -189,19 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite ./mlflow.db)")
     demo.set_defaults(handler=cmd_demo)
 
-    from .commands_data import register as register_data_commands
+    from binaryduo.trainer.cli.data import register as register_data_commands
 
     register_data_commands(commands)
 
-    from .commands_compare import register as register_compare_commands
+    from binaryduo.trainer.cli.compare import register as register_compare_commands
 
     register_compare_commands(commands)
 
-    from .commands_slurm import register as register_slurm_commands
+    from binaryduo.trainer.cli.slurm import register as register_slurm_commands
 
     register_slurm_commands(commands)
 
-    from .commands_tracking import register as register_tracking_commands
+    from binaryduo.trainer.cli.tracking import register as register_tracking_commands
 
     register_tracking_commands(commands)
 
@@ -232,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     decoupling.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE")
     decoupling.set_defaults(handler=cmd_analyze_decoupling)
 
-    from .commands_analysis import register as register_analysis_commands
+    from binaryduo.trainer.cli.analysis import register as register_analysis_commands
 
     register_analysis_commands(analyses)
     return parser

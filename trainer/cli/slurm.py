@@ -19,21 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import slurm
-
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
-
-def _usage_error(message: str) -> Exception:
-    from binaryduo.trainer.cli import UsageError  # lazy: cli imports this module
-    return UsageError(message)
-
-
-def _errors(problems: list[str]) -> int:
-    for problem in problems:
-        print(f"binaryduo: error: {problem}", file=sys.stderr)
-    return EXIT_USAGE
+from binaryduo.slurm import jobs as slurm
+from binaryduo.trainer.cli.errors import EXIT_CHECK_FAILED as EXIT_FAILED
+from binaryduo.trainer.cli.errors import UsageError, print_problems
 
 
 def _binaryduo_executable() -> str:
@@ -69,9 +57,9 @@ def _existing_run_problem(run_dir: Path, resolved: dict, *, smoke: bool) -> str 
                     f"it with the same recipe and --set values, or choose a new --output")
     state = run_dir / "run_state.json"
     if state.exists():
-        from .provenance import recipe_hash
-        from .recipe import Recipe
-        from .run import smoke_recipe
+        from binaryduo.trainer.tracking.provenance import recipe_hash
+        from binaryduo.trainer.recipe.schema import Recipe
+        from binaryduo.trainer.run.train import smoke_recipe
 
         recipe = Recipe.model_validate(resolved)
         digest = recipe_hash((smoke_recipe(recipe) if smoke else recipe).model_dump(mode="json"))
@@ -86,13 +74,13 @@ def _existing_run_problem(run_dir: Path, resolved: dict, *, smoke: bool) -> str 
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .recipe import RecipeError, load_recipe
+    from binaryduo.trainer.recipe.schema import RecipeError, load_recipe
 
     # 1. The recipe, before anything else: a bad one writes and submits nothing.
     try:
         recipe = load_recipe(args.recipe, args.set)
     except RecipeError as error:
-        return _errors(error.problems)
+        return print_problems(error.problems)
     options = slurm.JobOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
         cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
@@ -100,9 +88,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         extra=tuple(args.sbatch_option))
     problems = slurm.option_problems(options)
     if problems:
-        return _errors(problems)
+        return print_problems(problems)
     if recipe.data.batch_size % options.world_size:
-        return _errors([f"data.batch_size {recipe.data.batch_size} does not split evenly over "
+        return print_problems([f"data.batch_size {recipe.data.batch_size} does not split evenly over "
                         f"{options.world_size} tasks ({options.nodes} node(s) x "
                         f"{options.ntasks_per_node})"])
 
@@ -113,11 +101,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     run_dir = Path(os.path.normpath(cwd / run_dir))
     problem = slurm.path_problem(run_dir) or slurm.path_problem(cwd)
     if problem:
-        raise _usage_error(problem)
+        raise UsageError(problem)
     resolved = recipe.model_dump(mode="json")
     problem = _existing_run_problem(run_dir, resolved, smoke=args.smoke)
     if problem:
-        raise _usage_error(problem)
+        raise UsageError(problem)
     directives = slurm.sbatch_directives(options, run_dir=run_dir, workdir=cwd,
                                          job_name=f"binaryduo-{recipe.name}")
     environment = slurm.job_environment(run_dir=run_dir, binaryduo=_binaryduo_executable(),
@@ -127,7 +115,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(script, end="")
         return 0
     if shutil.which("sbatch") is None:
-        raise _usage_error("sbatch not found on PATH (is this a Slurm login node?); "
+        raise UsageError("sbatch not found on PATH (is this a Slurm login node?); "
                            "--dry-run prints the script")
 
     # 3. Record, then submit; a refused submission leaves the run directory as it was.
@@ -173,10 +161,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _list_runs()
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        raise _usage_error(f"slurm status: {run_dir}: no such run directory")
+        raise UsageError(f"slurm status: {run_dir}: no such run directory")
     progress = slurm.run_progress(run_dir.resolve())
     if progress.job_id is None:
-        raise _usage_error(f"slurm status: {run_dir}: no Slurm job recorded (no "
+        raise UsageError(f"slurm status: {run_dir}: no Slurm job recorded (no "
                            f"{slurm.SUBMISSION} or {slurm.ATTEMPTS_LOG})")
     job = slurm.query_job(progress.job_id, attempts=progress.attempts)
     text, failed = slurm.format_status(progress, job)

@@ -12,12 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from binaryduo.trainer.cli.errors import UsageError
+
 EXIT_PENDING = 1
 
 
 def _journal(run_dir: str):
-    from .cli import UsageError
-    from .tracking_journal import Journal
+    from binaryduo.trainer.tracking.journal import Journal
 
     if not Journal.exists(Path(run_dir)):
         raise UsageError(f"{run_dir}: no tracking journal (mlflow-journal/journal.jsonl); is it a "
@@ -44,8 +45,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .tracking import (Tracker, TrackingError, TrackingUnavailable, check_tracking_server)
-    from .tracking_journal import JournalBusy
+    from binaryduo.trainer.tracking.tracker import (Tracker, TrackingError, TrackingUnavailable, check_tracking_server)
+    from binaryduo.trainer.tracking.journal import JournalBusy
 
     journal = _journal(args.run_dir)
     session = journal.last_session() or {}

@@ -22,16 +22,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from binaryduo.trainer.cli.errors import UsageError, parse_model_options
+
 #: Checkpoint files and run-directory markers written by ``binaryduo train``.
 MODEL_FILE = "model_state.pt"
 MANIFEST = "manifest.json"
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 DEFAULT_EXPERIMENT = "gradient-mismatch"
-
-
-def _usage_error(message: str) -> Exception:
-    from binaryduo.trainer.cli import UsageError  # lazy: cli imports this module
-    return UsageError(message)
 
 
 @dataclass
@@ -61,7 +58,7 @@ def _best_model_file(stage_dir: Path) -> Path:
     tag = ((manifest.get("best") or {}).get("tag") or (epochs[-1]["tag"] if epochs else None)
            or manifest.get("latest"))
     if not tag or not (stage_dir / tag / MODEL_FILE).is_file():
-        raise _usage_error(f"--checkpoint {stage_dir}: its manifest names no complete checkpoint")
+        raise UsageError(f"--checkpoint {stage_dir}: its manifest names no complete checkpoint")
     return stage_dir / tag / MODEL_FILE
 
 
@@ -72,16 +69,16 @@ def resolve_checkpoint(path_text: str, stage: str | None) -> tuple[Path, dict | 
 
     path = Path(path_text).expanduser()
     if not path.exists():
-        raise _usage_error(f"--checkpoint {path_text}: no such file or directory")
+        raise UsageError(f"--checkpoint {path_text}: no such file or directory")
     if path.is_dir() and (path / RESOLVED_RECIPE).is_file():
         recipe = yaml.safe_load((path / RESOLVED_RECIPE).read_text())
         names = [s["name"] for s in recipe.get("stages", [])]
         chosen = stage or (names[-1] if names else None)
         if chosen not in names:
-            raise _usage_error(f"--stage {chosen}: not a stage of {path} ({', '.join(names)})")
+            raise UsageError(f"--stage {chosen}: not a stage of {path} ({', '.join(names)})")
         stage_dir = path / "checkpoints" / chosen
         if not (stage_dir / MANIFEST).is_file():
-            raise _usage_error(f"--checkpoint {path_text}: stage {chosen!r} has no checkpoints")
+            raise UsageError(f"--checkpoint {path_text}: stage {chosen!r} has no checkpoints")
         return _best_model_file(stage_dir), recipe, chosen
     if path.is_dir() and (path / MANIFEST).is_file():
         model_file = _best_model_file(path)
@@ -90,7 +87,7 @@ def resolve_checkpoint(path_text: str, stage: str | None) -> tuple[Path, dict | 
     elif path.is_file():
         model_file = path
     else:
-        raise _usage_error(f"--checkpoint {path_text}: not a run directory, a stage or epoch "
+        raise UsageError(f"--checkpoint {path_text}: not a run directory, a stage or epoch "
                            f"checkpoint directory, or a {MODEL_FILE} file")
     run_dir = _find_run_dir(model_file.parent)
     if run_dir is None:
@@ -102,14 +99,13 @@ def resolve_checkpoint(path_text: str, stage: str | None) -> tuple[Path, dict | 
 
 
 def _model_source(args: argparse.Namespace) -> ModelSource:
-    from binaryduo.trainer.cli import _parse_options
 
-    options = _parse_options(args.option)
+    options = parse_model_options(args.option)
     weights = recipe = stage = None
     if args.checkpoint:
         weights, recipe, stage = resolve_checkpoint(args.checkpoint, args.stage)
     elif args.stage:
-        raise _usage_error("--stage needs --checkpoint RUN_DIR")
+        raise UsageError("--stage needs --checkpoint RUN_DIR")
     name, variant = args.model, args.variant
     if recipe is not None:
         stages = {s["name"]: s for s in recipe.get("stages", [])}
@@ -118,7 +114,7 @@ def _model_source(args: argparse.Namespace) -> ModelSource:
             variant = stages[stage]["variant"]
         options = {**(recipe["model"].get("options") or {}), **options}
     if name is None:
-        raise _usage_error("gradient-mismatch: give --model NAME or --checkpoint RUN_DIR")
+        raise UsageError("gradient-mismatch: give --model NAME or --checkpoint RUN_DIR")
     options.setdefault("weight_bits", 32)  # the analysis measures FP weights (trainer/mismatch.py)
     return ModelSource(name, variant or "bnn", options, weights, recipe, stage)
 
@@ -132,7 +128,7 @@ def _validate(args: argparse.Namespace):
     from binaryduo import models
     from binaryduo.models.quantizers import STE
 
-    from . import mismatch_report as report
+    from binaryduo.trainer.analysis import mismatch_report as report
 
     try:
         activations = [report.parse_activation(a) for a in _split_list(args.activations)]
@@ -140,22 +136,22 @@ def _validate(args: argparse.Namespace):
                                    delta_scale=args.delta_scale, seed=args.seed,
                                    chunk_size=args.chunk_size, naive=args.naive)
     except ValueError as error:
-        raise _usage_error(str(error)) from None
+        raise UsageError(str(error)) from None
     if not activations:
-        raise _usage_error("--activations: give at least one activation type")
+        raise UsageError("--activations: give at least one activation type")
     stes = _split_list(args.stes)
     for ste in stes:
         if ste not in report.STE_NAMES:
-            raise _usage_error(f"--stes: unknown STE shape {ste!r}; expected one of "
+            raise UsageError(f"--stes: unknown STE shape {ste!r}; expected one of "
                                f"{', '.join(report.STE_NAMES)}")
     if not stes and any(a.quantized for a in activations):
-        raise _usage_error("--stes: give at least one STE shape for the quantized activations")
+        raise UsageError("--stes: give at least one STE shape for the quantized activations")
     if args.batch < 2:
-        raise _usage_error(f"--batch {args.batch}: must be >= 2 (two halves)")
+        raise UsageError(f"--batch {args.batch}: must be >= 2 (two halves)")
     if args.batch_index < 0:
-        raise _usage_error(f"--batch-index {args.batch_index}: must be >= 0")
+        raise UsageError(f"--batch-index {args.batch_index}: must be >= 0")
     if args.chunk_size is not None and args.chunk_size < 1:
-        raise _usage_error(f"--chunk-size {args.chunk_size}: must be >= 1")
+        raise UsageError(f"--chunk-size {args.chunk_size}: must be >= 1")
 
     source = _model_source(args)
     for activation in activations:
@@ -165,26 +161,26 @@ def _validate(args: argparse.Namespace):
                                                **{**source.options, **activation.options,
                                                   "ste": ste})
             except ValueError as error:
-                raise _usage_error(f"activation {activation.name}: {error}") from None
+                raise UsageError(f"activation {activation.name}: {error}") from None
     data_root = args.data or ((source.recipe or {}).get("data") or {}).get("root")
     if not data_root:
-        raise _usage_error("gradient-mismatch: give --data ROOT (a dataset the data package reads)")
+        raise UsageError("gradient-mismatch: give --data ROOT (a dataset the data package reads)")
     data_root = Path(data_root).expanduser()
     if not data_root.is_dir():
-        raise _usage_error(f"--data {data_root}: not a directory")
+        raise UsageError(f"--data {data_root}: not a directory")
     for flag, target in (("--output-json", args.output_json), ("--plot", args.plot)):
         if target and not Path(target).expanduser().resolve().parent.is_dir():
-            raise _usage_error(f"{flag} {target}: its directory does not exist")
+            raise UsageError(f"{flag} {target}: its directory does not exist")
     return activations, stes, settings, source, data_root
 
 
 def _load_state(source: ModelSource):
-    from .checkpoint import load_model_state
+    from binaryduo.trainer.run.checkpoint import load_model_state
 
     try:
         return load_model_state(source.weights)
     except Exception as error:  # unpickling refused, truncated file, not a torch file
-        raise _usage_error(f"--checkpoint {source.weights}: cannot be read as a model state "
+        raise UsageError(f"--checkpoint {source.weights}: cannot be read as a model state "
                            f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                            ) from None
 
@@ -202,15 +198,15 @@ def _fixed_batch(source: ModelSource, data_root: Path, args: argparse.Namespace,
                           image_size=config.input_size, drop_last=False)
         loader = build_loader(spec, train=False, seed=0, device="cpu")
     except (LayoutError, ValueError, OSError) as error:
-        raise _usage_error(f"--data {data_root}: {error}") from None
+        raise UsageError(f"--data {data_root}: {error}") from None
     if args.batch_index >= len(loader):
-        raise _usage_error(f"--batch-index {args.batch_index}: the validation split has "
+        raise UsageError(f"--batch-index {args.batch_index}: the validation split has "
                            f"{len(loader)} batches of {args.batch}")
     for index, (images, labels, valid) in enumerate(loader):
         if index == args.batch_index:
             keep = valid.bool()
             return images[keep].clone(), labels[keep].clone()
-    raise _usage_error("the validation split is empty")
+    raise UsageError("the validation split is empty")
 
 
 def cmd_gradient_mismatch(args: argparse.Namespace) -> int:
@@ -220,7 +216,8 @@ def cmd_gradient_mismatch(args: argparse.Namespace) -> int:
 
     from binaryduo import models
 
-    from . import mismatch, mismatch_report as report
+    from binaryduo.trainer.analysis import mismatch
+    from binaryduo.trainer.analysis import mismatch_report as report
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     state = _load_state(source) if source.weights is not None else None
@@ -231,17 +228,17 @@ def cmd_gradient_mismatch(args: argparse.Namespace) -> int:
             base.load_state_dict(state)
         except RuntimeError as error:
             detail = [line.strip() for line in str(error).splitlines() if line.strip()]
-            raise _usage_error(f"--checkpoint {source.weights} does not fit {source.name} "
+            raise UsageError(f"--checkpoint {source.weights} does not fit {source.name} "
                                f"({source.variant}, {source.options}): "
                                f"{detail[-1][:200] if detail else error}") from None
     state = {k: v.clone() for k, v in base.state_dict().items()}
     try:
         report.select_layers(mismatch.weight_layers(base), _split_list(args.layers or ""))
     except ValueError as error:
-        raise _usage_error(str(error)) from None
+        raise UsageError(str(error)) from None
     images, labels = _fixed_batch(source, data_root, args, base.config)
     if int(labels.max()) >= base.config.num_classes:
-        raise _usage_error(f"--data {data_root}: labels reach {int(labels.max())}, the model has "
+        raise UsageError(f"--data {data_root}: labels reach {int(labels.max())}, the model has "
                            f"{base.config.num_classes} classes")
     images = images.to(dtype)
 
@@ -281,8 +278,8 @@ def cmd_gradient_mismatch(args: argparse.Namespace) -> int:
 
 
 def _log_to_mlflow(args: argparse.Namespace, result, payload: str, title: str) -> None:
-    from . import mismatch_report as report
-    from .tracking import Tracker, flatten
+    from binaryduo.trainer.analysis import mismatch_report as report
+    from binaryduo.trainer.tracking.tracker import Tracker, flatten
 
     tracker = Tracker(args.tracking_uri, args.experiment, enabled=True)
     run_id = tracker.start_run("gradient-mismatch", tags={"analysis": "gradient-mismatch",
@@ -314,7 +311,7 @@ def _log_to_mlflow(args: argparse.Namespace, result, payload: str, title: str) -
 
 def register(analyses) -> argparse.ArgumentParser:
     """Adds ``gradient-mismatch`` to the ``analyze`` subparsers."""
-    from .mismatch_report import DEFAULT_ACTIVATIONS, DELTA_SCALES, STE_NAMES
+    from binaryduo.trainer.analysis.mismatch_report import DEFAULT_ACTIVATIONS, DELTA_SCALES, STE_NAMES
 
     parser = analyses.add_parser(
         "gradient-mismatch", help="cosine of the STE gradient and the CDG, per layer",
