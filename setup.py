@@ -11,11 +11,13 @@ PACKAGE_DIRS = {
     "binaryduo.trainer": "trainer",
     **{f"binaryduo.trainer.{sub}": f"trainer/{sub}"
        for sub in ("cli", "recipe", "run", "runtime", "tracking", "analysis")},
-    # data, not code: the sbatch templates and their README, found with importlib.resources
+    # Slurm jobs rendered, submitted and followed, beside the sbatch template (package data)
     "binaryduo.slurm": "slurm",
+    # data, not code: the shipped recipes, found with importlib.resources (``binaryduo demo``)
+    "binaryduo.recipes": "recipes",
 }
 
-# Pinned as measured in shared/stack.md: the only working torch/torchvision pair on the
+# Pinned as measured (docs/dependencies.md): the only working torch/torchvision pair on the
 # local wheel mirror, the DALI build matching torch's CUDA 13, and mlflow 3.17.2
 # (3.18.0's mlflow-skinny is missing from the mirror and pip silently falls back).
 INSTALL_REQUIRES = [
@@ -37,7 +39,10 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"binaryduo.slurm": ["*.sbatch", "README.md"]},
+    # recipes sit one folder deep (demo/, cifar10/, imagenet/, analysis/); setuptools expands
+    # these globs relative to the package folder, sub-folders included
+    package_data={"binaryduo.slurm": ["*.sbatch", "README.md"],
+                  "binaryduo.recipes": ["*/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["binaryduo = binaryduo.trainer.cli.main:main"]},

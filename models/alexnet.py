@@ -1,4 +1,4 @@
-"""AlexNet for 224x224 ImageNet, shared/method.md §2 ("fc" layers are convolutions)."""
+"""AlexNet for 224x224 ImageNet, docs/method.md §2 ("fc" layers are convolutions)."""
 from __future__ import annotations
 
 from .chain import ChainNet, ConvLayer

@@ -1,6 +1,6 @@
 """Plain feed-forward BNNs (VGG-7, AlexNet): a chain of Conv -> [MaxPool] -> BN -> activation.
 
-Layer order follows shared/method.md §2: pooling sits *before* BN; the first conv is full precision
+Layer order follows docs/method.md §2: pooling sits *before* BN; the first conv is full precision
 but its output still goes through BN and a quantized activation; the penultimate layer ends
 BN -> ReLU (full precision); the classifier is a full-precision conv with bias.
 

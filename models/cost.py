@@ -1,4 +1,4 @@
-"""Model size and FLOPs by the paper's counting rules (shared/method.md §5).
+"""Model size and FLOPs by the paper's counting rules (docs/method.md §5).
 
 - MACs of a conv = Cin * Cout * kh * kw * Hout * Wout (per group), of a linear layer in * out,
   measured on the model as built (so decoupled layers count their doubled inputs).

@@ -5,7 +5,7 @@ activation equals the mean of two binary activations of the same pre-activation 
 by -1/4 and +1/4. The decoupled skeleton built by the registry already has the target shapes and
 marks, per layer, how a coupled parameter maps onto it (``DecoupledBatchNorm2d.shift``,
 ``QConv2d.input_copies``); ``decouple`` walks both models by module name and applies those rules
-(shared/method.md §3):
+(docs/method.md §3):
 
 - a ``DecoupledBatchNorm2d`` gets gamma, running mean and variance duplicated copy-major, and beta
   ``[beta - shift; beta + shift]``;

@@ -1,7 +1,7 @@
 """Building blocks shared by the architectures.
 
 Besides the quantized layers, this module holds the small pieces a *decoupled* network is made of
-(shared/method.md §3): ``Replicate`` (copy-major ``[z; z]``), ``DecoupledBatchNorm2d`` (a BN over the
+(docs/method.md §3): ``Replicate`` (copy-major ``[z; z]``), ``DecoupledBatchNorm2d`` (a BN over the
 two copies, which remembers the +-1/4 shift that decoupling applies to its beta), ``MeanOfCopies`` and
 ``ZeroPadChannels`` for ResNet shortcuts. A decoupled skeleton therefore *describes* how every
 coupled parameter maps onto it, and ``decouple`` is one generic walk over matching module names.

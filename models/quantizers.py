@@ -1,4 +1,4 @@
-"""Activation and weight quantizers of BinaryDuo (shared/method.md §1).
+"""Activation and weight quantizers of BinaryDuo (docs/method.md §1).
 
 Activations are *unsigned*: ``a = floor(n * clip(y, 0, 1) + 0.5) / n`` with ``n`` levels above
 zero (n = 1 binary {0, 1}; n = 2 ternary {0, 1/2, 1}; n = 2^k - 1 for k bits). Ties round up.

@@ -4,7 +4,7 @@ Architectures register a small builder function with the options they accept; ev
 builder needs is resolved once into a frozen ``ModelConfig``, which the model keeps (``model.config``)
 so that ``decouple`` and the cost report can rebuild or describe it.
 
-Variants (shared/method.md §2):
+Variants (docs/method.md §2):
 
 - ``fp``        full-precision reference: baseline widths, FP weights, ReLU activations;
 - ``bnn``       baseline widths, binary activations {0, 1};

@@ -1,4 +1,4 @@
-"""ResNet-18 with a real-valued residual stream and pre-activation branches (shared/method.md §2).
+"""ResNet-18 with a real-valued residual stream and pre-activation branches (docs/method.md §2).
 
 Stem: conv7x7/2 (FP) -> BN -> ReLU -> MaxPool 3x3/2 -> an extra BN whose output is the residual
 stream. A branch is ``act -> conv3x3 -> BN`` per conv; additions are in full precision and the

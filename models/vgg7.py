@@ -1,4 +1,4 @@
-"""VGG-7 for 32x32 inputs (CIFAR-10; Fashion-MNIST padded to 32), shared/method.md §2."""
+"""VGG-7 for 32x32 inputs (CIFAR-10; Fashion-MNIST padded to 32), docs/method.md §2."""
 from __future__ import annotations
 
 from .chain import ChainNet, ConvLayer

@@ -1,6 +1,6 @@
 """Gradient mismatch: the STE ("coarse") gradient against the coordinate discrete gradient (CDG).
 
-shared/method.md §7. For a sampled set of coordinates ``i`` of one layer's weight tensor ``w``::
+docs/method.md §7. For a sampled set of coordinates ``i`` of one layer's weight tensor ``w``::
 
     CDG_i = [L(w + delta e_i) - L(w - delta e_i)] / (2 delta)
 
@@ -31,8 +31,8 @@ Everything here is a pure function of (model, batch, coordinates, delta):
   float64 rounding (tested at 1e-9), not bit for bit.
 - :func:`cosine`, :func:`layer_mismatch`: the summary numbers, with the estimate's own noise.
 
-Only full-precision weights are analysed (the authors' CIFAR VGG-7 keeps weights FP, method.md §4):
-with ``alpha * sign(W)`` a +-delta step on a latent weight changes the forward only through a sign
+Only full-precision weights are analysed (the authors' CIFAR VGG-7 keeps weights FP,
+docs/method.md §4): with ``alpha * sign(W)`` a +-delta step on a latent weight changes the forward only through a sign
 flip or through alpha, so CDG with respect to latent binary weights is not the quantity the paper
 measures. :func:`weight_layers` refuses binary-weight layers.
 """

@@ -8,7 +8,7 @@ import torch
 
 from binaryduo import models
 
-#: Size (Mbit) and FLOPs (millions) by the paper's counting rules (shared/method.md §5), with
+#: Size (Mbit) and FLOPs (millions) by the paper's counting rules (docs/method.md §5), with
 #: default options. The report prints them beside the measured numbers.
 PAPER_COSTS: dict[tuple[str, str], tuple[float, float]] = {
     ("alexnet", "decoupled"): (189.4, 119.0),

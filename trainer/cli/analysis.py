@@ -318,7 +318,8 @@ def register(analyses) -> argparse.ArgumentParser:
         description="For each activation type (weights shared) and STE shape: the cosine "
                     "similarity, per layer, between the STE gradient and the coordinate discrete "
                     "gradient [L(w+d e_i) - L(w-d e_i)] / 2d over sampled weight coordinates, on "
-                    "one fixed validation batch with BN in eval mode (shared/method.md §7).")
+                    "one fixed validation batch with BN in eval mode (the BinaryDuo paper's "
+                    "estimator; docs/method.md §7).")
     parser.add_argument("--model", help="registry name (default: the checkpoint's recipe)")
     parser.add_argument("--variant", default=None,
                         help="registry variant (default: the checkpoint's stage, else bnn)")

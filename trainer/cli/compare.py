@@ -19,7 +19,7 @@ from binaryduo.trainer.cli.errors import UsageError, one_line_errors
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from binaryduo.trainer.tracking import compare
-    from binaryduo.trainer.tracking.tracker import resolve_tracking_uri
+    from binaryduo.trainer.tracking.server import resolve_tracking_uri
 
     plot = Path(args.plot) if args.plot else None
     if plot is not None:
@@ -59,8 +59,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         description="Reads every recipe run (parent run + stage runs) of an MLflow experiment and "
                     "prints one row per stage: dataset, model, method, weight bits, stage, top-1, "
                     "top-5, best top-1, Mbit, MFLOPs, epochs, wall time, images/s, world size and "
-                    "hardware, code version; the paper's numbers (shared/method.md) are added as "
-                    "reference rows. Smoke runs are left out unless --include-smoke."))
+                    "hardware, code version; the paper's numbers (Kim et al., ICLR 2020) are "
+                    "added as reference rows. Smoke runs are left out unless --include-smoke."))
     parser.add_argument("--experiment", default="binaryduo",
                         help="MLflow experiment (default: binaryduo, the recipes' default)")
     parser.add_argument("--filter", action="append", default=[], metavar="EXPR",

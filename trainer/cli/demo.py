@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.resources import as_file, files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from binaryduo.trainer.tracking.tracker import resolve_tracking_uri
+from binaryduo.trainer.tracking.server import resolve_tracking_uri
 
 RECIPES = ("fashion_mnist_vgg7_bnn.yaml", "fashion_mnist_vgg7_binaryduo.yaml")
 
 
-def demo_recipe_dir() -> Path:
-    """recipes/demo of the source tree (the package is installed editable from it)."""
-    return Path(__file__).resolve().parents[2] / "recipes" / "demo"
+def demo_recipe_dir() -> Traversable:
+    """The demo recipes as installed package data (``binaryduo.recipes``): found the same way
+    from a wheel and from an editable install, whatever the working directory."""
+    return files("binaryduo.recipes") / "demo"
 
 
 def demo_table(uri: str, experiment: str = "binaryduo") -> str:
@@ -50,12 +53,13 @@ def demo_table(uri: str, experiment: str = "binaryduo") -> str:
 def run_demo(*, output: str, tracking_uri: str | None) -> int:
     uri = resolve_tracking_uri(tracking_uri, None)
     for recipe in RECIPES:
-        path = demo_recipe_dir() / recipe
-        command = [sys.executable, "-m", "binaryduo.trainer.cli", "train", str(path),
-                   "--output", str(Path(output) / path.stem), "--tracking-uri", uri]
-        print(f"$ binaryduo train {path.relative_to(path.parents[2])} --output "
-              f"{Path(output) / path.stem}", flush=True)
-        done = subprocess.run(command)
+        # as_file: a real file for the training subprocess even if the package were zipped
+        with as_file(demo_recipe_dir() / recipe) as path:
+            command = [sys.executable, "-m", "binaryduo.trainer.cli", "train", str(path),
+                       "--output", str(Path(output) / path.stem), "--tracking-uri", uri]
+            print(f"$ binaryduo train recipes/demo/{recipe} --output {Path(output) / path.stem}",
+                  flush=True)
+            done = subprocess.run(command)
         if done.returncode != 0:
             print(f"binaryduo: demo stopped: {recipe} exited {done.returncode}", file=sys.stderr)
             return done.returncode

@@ -14,7 +14,7 @@ What ``binaryduo train`` logs (``stages.run_recipe`` / ``run.train``) and what i
 
 A row per stage (plus "before fine-tune" for a decouple stage): dataset, model, method, weight bits,
 stage, final top-1 / top-5 (the last epoch's), best top-1, Mbit, MFLOPs, epochs done/planned, wall
-time, images/s, world size and hardware, code version. The paper's numbers (shared/method.md
+time, images/s, world size and hardware, code version. The paper's numbers (docs/method.md
 §5, §6) are added as reference rows for the datasets and models shown.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Row:
     parent_run_id: str = ""
 
 
-# The paper's numbers (shared/method.md §6 accuracy; §5 Mbit / FLOPs as in the paper's table).
+# The paper's numbers (docs/method.md §6 accuracy; §5 Mbit / FLOPs as in the paper's table).
 PAPER_ROWS = (
     Row("paper", "CIFAR-10", "vgg7", "BNN", 32, "", 89.07, None,
         recipe="paper (FP weights, authors' setting)"),
@@ -342,8 +342,9 @@ def format_markdown(rows: list[Row]) -> str:
             cells = [f"*{c}*" if c else c for c in cells]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     lines.append("")
-    lines.append("*italic*: the paper's numbers (shared/method.md §5-§6); top-1/top-5 = last "
-                 "epoch's validation accuracy (%), best top-1 = best epoch; epochs = done/planned.")
+    lines.append("*italic*: the paper's numbers (Kim et al., ICLR 2020; docs/method.md §5-§6); "
+                 "top-1/top-5 = last epoch's validation accuracy (%), best top-1 = best epoch; "
+                 "epochs = done/planned.")
     return "\n".join(lines)
 
 

@@ -12,11 +12,14 @@ import torch
 
 PACKAGES = ("binaryduo", "torch", "torchvision", "deepspeed", "nvidia-dali-cuda130", "mlflow",
             "pydantic", "pyyaml")
+# The checkout's root when running from source (trainer/tracking/ -> the repository); in a wheel
+# install, site-packages/binaryduo, which is not the top of any git work tree.
 SOURCE_DIR = Path(__file__).resolve().parents[2]
 
 
 def code_version() -> dict[str, object]:
-    """Git SHA of the source tree and whether it has uncommitted changes (None outside git)."""
+    """Git SHA of the source tree and whether it has uncommitted changes; both None when the code
+    does not run from its own checkout (a wheel install, no git)."""
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", "-C", str(SOURCE_DIR), *args], capture_output=True,
@@ -25,6 +28,11 @@ def code_version() -> dict[str, object]:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
+    # A wheel installed into a venv that lies inside some checkout would otherwise report that
+    # checkout's commit, which says nothing about the installed code.
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != SOURCE_DIR:
+        return {"git_sha": None, "git_dirty": None}
     sha = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
