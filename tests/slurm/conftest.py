@@ -120,7 +120,7 @@ class SlurmCluster:
         return done
 
     def job_fields(self, job_id: str) -> dict[str, str]:
-        from binaryduo.slurm.jobs import parse_scontrol_job
+        from binaryduo.slurm.status import parse_scontrol_job
 
         done = self.run("scontrol", "show", "job", "-o", job_id, check=False)
         return parse_scontrol_job(done.stdout) if done.returncode == 0 else {}

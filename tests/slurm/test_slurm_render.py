@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from binaryduo.slurm import jobs as slurm
+from binaryduo.slurm.render import (DEFAULT_SIGNAL_LEAD, ENV_MARKER, OPTIONS_MARKER, template_text,
+                                    time_limit_seconds)
+from binaryduo.slurm.status import parse_scontrol_job, state_from_sacct, state_from_scontrol
+from binaryduo.slurm.submit import SlurmError, parse_job_id
 from binaryduo.trainer.cli.main import main
-from binaryduo.trainer.recipe.schema import load_recipe
+from binaryduo.trainer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,7 +102,7 @@ def test_every_option_ends_up_in_the_dry_run_script_and_nothing_is_written(workd
     assert "export SMOKE=1\n" in script
     assert "export MLFLOW_TRACKING_URI=http://mlflow.example:5000\n" in script
     assert "srun --kill-on-bad-exit=1" in script
-    assert slurm.OPTIONS_MARKER not in script and slurm.ENV_MARKER not in script
+    assert OPTIONS_MARKER not in script and ENV_MARKER not in script
     # every #SBATCH line comes before the first command (sbatch stops reading there)
     lines = script.splitlines()
     first_command = next(i for i, l in enumerate(lines) if l.strip() and not l.startswith("#"))
@@ -115,14 +118,14 @@ def test_cpu_job_defaults(workdir, capsys):
     assert "#SBATCH --ntasks-per-node=2\n" in script
     assert "--gpus-per-node" not in "".join(l for l in script.splitlines(True)
                                             if l.startswith("#SBATCH"))
-    assert f"#SBATCH --signal=B:USR1@{slurm.DEFAULT_SIGNAL_LEAD}\n" in script
+    assert f"#SBATCH --signal=B:USR1@{DEFAULT_SIGNAL_LEAD}\n" in script
     assert "#SBATCH --job-name=binaryduo-tiny-render\n" in script
     assert f"--output={workdir}/runs/tiny-render-" in script
     assert "export SMOKE" not in script and "MLFLOW_TRACKING_URI" not in script
 
 
 def test_the_template_by_hand_is_a_valid_script_with_defaults():
-    text = slurm.template_text()
+    text = template_text()
     assert text == (REPO / "slurm" / "binaryduo.sbatch").read_text()
     for line in ("#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@"):
         assert line in text
@@ -137,7 +140,7 @@ def test_the_template_by_hand_is_a_valid_script_with_defaults():
                                            ("2-00", 172800), ("1-02:03", 93780),
                                            ("1-00:00:05", 86405), ("UNLIMITED", None)])
 def test_time_limits(text, seconds):
-    assert slurm.time_limit_seconds(text) == seconds
+    assert time_limit_seconds(text) == seconds
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -359,12 +362,12 @@ def test_status_bad_input(workdir, capsys):
 
 
 def test_parsers():
-    fields = slurm.parse_scontrol_job(SCONTROL_FAILED)
+    fields = parse_scontrol_job(SCONTROL_FAILED)
     assert fields["JobState"] == "FAILED" and fields["Restarts"] == "2"
-    assert slurm.parse_job_id("123\n") == "123" and slurm.parse_job_id("124;cluster\n") == "124"
-    with pytest.raises(slurm.SlurmError):
-        slurm.parse_job_id("Submitted batch job 5")
-    state = slurm.state_from_sacct("9", "9|PENDING|0:0|00:00:00|None assigned\n"
-                                        "9|CANCELLED by 0|0:15|00:00:10|vm\n")
+    assert parse_job_id("123\n") == "123" and parse_job_id("124;cluster\n") == "124"
+    with pytest.raises(SlurmError):
+        parse_job_id("Submitted batch job 5")
+    state = state_from_sacct("9", "9|PENDING|0:0|00:00:00|None assigned\n"
+                                  "9|CANCELLED by 0|0:15|00:00:10|vm\n")
     assert state.state == "CANCELLED" and state.restarts == 1 and state.failed
-    assert slurm.state_from_scontrol("8", SCONTROL_FAILED) is None  # another job's answer
+    assert state_from_scontrol("8", SCONTROL_FAILED) is None  # another job's answer

@@ -19,7 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-from binaryduo.slurm import jobs as slurm
+from binaryduo.slurm.progress import format_status, run_progress
+from binaryduo.slurm.render import (DEFAULT_SIGNAL_LEAD, JobOptions, job_environment,
+                                    option_problems, path_problem, render_script,
+                                    sbatch_directives, template_text)
+from binaryduo.slurm.run_files import ATTEMPTS_LOG, FROZEN_RECIPE, INDEX, SUBMISSION
+from binaryduo.slurm.status import EXIT_PREEMPTED, query_job
+from binaryduo.slurm.submit import (SlurmError, frozen_recipe_text, read_index, submission_record,
+                                    submit_run)
 from binaryduo.trainer.cli.errors import EXIT_CHECK_FAILED as EXIT_FAILED
 from binaryduo.trainer.cli.errors import UsageError, print_problems
 
@@ -40,13 +47,13 @@ def _existing_run_problem(run_dir: Path, resolved: dict, *, smoke: bool) -> str 
         return f"--output {run_dir}: exists and is not a directory"
     if not run_dir.is_dir():
         return None
-    progress = slurm.run_progress(run_dir)
+    progress = run_progress(run_dir)
     if progress.job_id:
-        job = slurm.query_job(progress.job_id, attempts=progress.attempts)
+        job = query_job(progress.job_id, attempts=progress.attempts)
         if job.active:
             return (f"--output {run_dir}: job {job.job_id} of this run is still {job.state}; "
                     f"wait for it or `scancel {job.job_id}` first")
-    frozen = run_dir / slurm.FROZEN_RECIPE
+    frozen = run_dir / FROZEN_RECIPE
     if frozen.exists():
         try:
             before = yaml.safe_load(frozen.read_text())
@@ -58,7 +65,7 @@ def _existing_run_problem(run_dir: Path, resolved: dict, *, smoke: bool) -> str 
     state = run_dir / "run_state.json"
     if state.exists():
         from binaryduo.trainer.tracking.provenance import recipe_hash
-        from binaryduo.trainer.recipe.schema import Recipe
+        from binaryduo.trainer.recipe import Recipe
         from binaryduo.trainer.run.train import smoke_recipe
 
         recipe = Recipe.model_validate(resolved)
@@ -74,19 +81,19 @@ def _existing_run_problem(run_dir: Path, resolved: dict, *, smoke: bool) -> str 
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from binaryduo.trainer.recipe.schema import RecipeError, load_recipe
+    from binaryduo.trainer.recipe import RecipeError, load_recipe
 
     # 1. The recipe, before anything else: a bad one writes and submits nothing.
     try:
         recipe = load_recipe(args.recipe, args.set)
     except RecipeError as error:
         return print_problems(error.problems)
-    options = slurm.JobOptions(
+    options = JobOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
         cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
         account=args.account, signal_lead=args.signal_lead, job_name=args.job_name,
         extra=tuple(args.sbatch_option))
-    problems = slurm.option_problems(options)
+    problems = option_problems(options)
     if problems:
         return print_problems(problems)
     if recipe.data.batch_size % options.world_size:
@@ -99,18 +106,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     run_dir = Path(args.output) if args.output else (
         Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(os.path.normpath(cwd / run_dir))
-    problem = slurm.path_problem(run_dir) or slurm.path_problem(cwd)
+    problem = path_problem(run_dir) or path_problem(cwd)
     if problem:
         raise UsageError(problem)
     resolved = recipe.model_dump(mode="json")
     problem = _existing_run_problem(run_dir, resolved, smoke=args.smoke)
     if problem:
         raise UsageError(problem)
-    directives = slurm.sbatch_directives(options, run_dir=run_dir, workdir=cwd,
-                                         job_name=f"binaryduo-{recipe.name}")
-    environment = slurm.job_environment(run_dir=run_dir, binaryduo=_binaryduo_executable(),
-                                        smoke=args.smoke, tracking_uri=args.tracking_uri)
-    script = slurm.render_script(slurm.template_text(), directives, environment)
+    directives = sbatch_directives(options, run_dir=run_dir, workdir=cwd,
+                                   job_name=f"binaryduo-{recipe.name}")
+    environment = job_environment(run_dir=run_dir, binaryduo=_binaryduo_executable(),
+                                  smoke=args.smoke, tracking_uri=args.tracking_uri)
+    script = render_script(template_text(), directives, environment)
     if args.dry_run:
         print(script, end="")
         return 0
@@ -119,37 +126,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
                            "--dry-run prints the script")
 
     # 3. Record, then submit; a refused submission leaves the run directory as it was.
-    frozen = slurm.frozen_recipe_text(resolved, source=str(args.recipe), overrides=args.set)
-    record = slurm.submission_record(argv=sys.argv, cwd=cwd, recipe=str(args.recipe),
-                                     overrides=args.set, options=options, run_dir=run_dir,
-                                     smoke=args.smoke, tracking_uri=args.tracking_uri)
-    files = {run_dir / slurm.FROZEN_RECIPE: frozen, run_dir / slurm.JOB_SCRIPT: script,
-             run_dir / slurm.SUBMISSION: json.dumps(record, indent=2) + "\n"}
-    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
-    previous = {path: path.read_text() for path in files if path.exists()}
-    for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    frozen = frozen_recipe_text(resolved, source=str(args.recipe), overrides=args.set)
+    record = submission_record(argv=sys.argv, cwd=cwd, recipe=str(args.recipe),
+                               overrides=args.set, options=options, run_dir=run_dir,
+                               smoke=args.smoke, tracking_uri=args.tracking_uri)
     try:
-        job_id = slurm.submit(run_dir / slurm.JOB_SCRIPT)
-    except slurm.SlurmError as error:
-        if created is not None:  # a new run directory (and any parents made for it)
-            shutil.rmtree(created, ignore_errors=True)
-        else:
-            for path in files:
-                if path in previous:
-                    path.write_text(previous[path])
-                else:
-                    path.unlink(missing_ok=True)
+        job_id = submit_run(run_dir, frozen_recipe=frozen, script=script, record=record,
+                            index=cwd / INDEX, recipe_name=recipe.name)
+    except SlurmError as error:
         print(f"binaryduo: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    record["job_id"] = job_id
-    (run_dir / slurm.SUBMISSION).write_text(json.dumps(record, indent=2) + "\n")
-    with open(run_dir / slurm.SLURM_SUBDIR / "submissions.jsonl", "a") as history:
-        history.write(json.dumps(record) + "\n")
-    slurm.append_index(cwd / slurm.INDEX, {"job_id": job_id, "run_dir": str(run_dir),
-                                           "recipe": recipe.name,
-                                           "submitted": record["submitted"]})
     print(f"submitted job {job_id}")
     print(f"run directory {run_dir}")
     print(f"  follow it: binaryduo slurm status {run_dir}")
@@ -162,25 +148,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"slurm status: {run_dir}: no such run directory")
-    progress = slurm.run_progress(run_dir.resolve())
+    progress = run_progress(run_dir.resolve())
     if progress.job_id is None:
         raise UsageError(f"slurm status: {run_dir}: no Slurm job recorded (no "
-                           f"{slurm.SUBMISSION} or {slurm.ATTEMPTS_LOG})")
-    job = slurm.query_job(progress.job_id, attempts=progress.attempts)
-    text, failed = slurm.format_status(progress, job)
+                           f"{SUBMISSION} or {ATTEMPTS_LOG})")
+    job = query_job(progress.job_id, attempts=progress.attempts)
+    text, failed = format_status(progress, job)
     print(text)
-    if failed and job.exit_code and job.exit_code.split(":")[0] == str(slurm.EXIT_PREEMPTED):
+    if failed and job.exit_code and job.exit_code.split(":")[0] == str(EXIT_PREEMPTED):
         print(f"  the trainer stopped with a checkpoint and the job was not requeued: continue "
-              f"with `binaryduo slurm submit {progress.run_dir / slurm.FROZEN_RECIPE} "
+              f"with `binaryduo slurm submit {progress.run_dir / FROZEN_RECIPE} "
               f"--output {progress.run_dir} ...`")
     return EXIT_FAILED if failed else 0
 
 
 def _list_runs() -> int:
-    index = Path.cwd() / slurm.INDEX
-    entries = slurm.read_index(index)
+    index = Path.cwd() / INDEX
+    entries = read_index(index)
     if not entries:
-        print(f"no runs submitted from {Path.cwd()} (nothing in {slurm.INDEX})")
+        print(f"no runs submitted from {Path.cwd()} (nothing in {INDEX})")
         return 0
     print(f"{'JOB':>8}  {'STATE':<11} {'RUN DIRECTORY':<40} PROGRESS")
     for entry in entries:
@@ -188,9 +174,9 @@ def _list_runs() -> int:
         if not run_dir.is_dir():
             print(f"{entry.get('job_id', '?'):>8}  {'-':<11} {str(run_dir):<40} (removed)")
             continue
-        progress = slurm.run_progress(run_dir)
+        progress = run_progress(run_dir)
         job_id = progress.job_id or str(entry.get("job_id"))
-        job = slurm.query_job(job_id, attempts=progress.attempts)
+        job = query_job(job_id, attempts=progress.attempts)
         shown = str(run_dir.relative_to(Path.cwd())) if run_dir.is_relative_to(Path.cwd()) \
             else str(run_dir)
         print(f"{job_id:>8}  {job.state:<11} {shown:<40} {progress.summary()}")
@@ -222,7 +208,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     submit.add_argument("--partition", metavar="P")
     submit.add_argument("--time", metavar="T", help="time limit, e.g. 2-00:00:00 or 90")
     submit.add_argument("--account", metavar="A")
-    submit.add_argument("--signal-lead", type=int, default=slurm.DEFAULT_SIGNAL_LEAD,
+    submit.add_argument("--signal-lead", type=int, default=DEFAULT_SIGNAL_LEAD,
                         metavar="SECONDS",
                         help="SIGUSR1 this long before the time limit: the trainer checkpoints "
                              "and requeues the job (default %(default)s)")

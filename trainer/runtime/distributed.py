@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from binaryduo.slurm.hostlist import first_host
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -31,25 +33,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: ``gpu[07-12,20],login1`` -> ``gpu07``."""
-    depth, item = 0, []
-    for char in nodelist.strip():
-        if char == "," and depth == 0:
-            break
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        item.append(char)
-    host, rest = "", "".join(item)
-    while "[" in rest:
-        head, _, tail = rest.partition("[")
-        ranges, _, rest = tail.partition("]")
-        host += head + ranges.split(",")[0].split("-")[0]
-    host += rest
-    if not host:
-        raise ValueError(f"SLURM_JOB_NODELIST {nodelist!r}: no host in it")
-    return host
 
 
 def slurm_port(job_id: int) -> int:

@@ -1,0 +1,160 @@
+"""A submitted job's state: what Slurm says (``scontrol``, then ``sacct``), else what the run
+directory's ``slurm/attempts.log`` says (the batch script writes one line per attempt start/end).
+
+The parsers are pure functions of the commands' output, so they are tested without Slurm; only
+:func:`query_job` runs the commands.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Callable
+
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                 "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
+                 "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+#: The trainer's exit status after a preemption checkpoint: the number of
+#: ``binaryduo.trainer.runtime.preemption.EXIT_PREEMPTED``, repeated because this package imports
+#: nothing of the trainer.
+EXIT_PREEMPTED = 75
+
+
+@dataclass
+class JobState:
+    job_id: str
+    #: Slurm's state (RUNNING, COMPLETED, FAILED, ...) or UNKNOWN.
+    state: str
+    #: Where it came from: scontrol, sacct or files (the run directory's attempts.log).
+    source: str
+    reason: str | None = None
+    exit_code: str | None = None
+    restarts: int | None = None
+    nodes: str | None = None
+    run_time: str | None = None
+    stderr_path: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def failed(self) -> bool:
+        return not self.active and self.state != "COMPLETED"
+
+
+def parse_scontrol_job(text: str) -> dict[str, str]:
+    """``scontrol show job -o`` (or its multi-line form): ``Key=Value`` pairs.
+
+    Values may contain spaces only in a few keys at the end of a line (``Command``, ``WorkDir``,
+    ``StdErr``...), so a token without ``=`` is joined to the previous value."""
+    fields: dict[str, str] = {}
+    last = None
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if sep and re.match(r"^[A-Za-z][A-Za-z0-9_:/]*$", key):
+            fields[key] = value
+            last = key
+        elif last is not None:
+            fields[last] += " " + token
+    return fields
+
+
+def state_from_scontrol(job_id: str, text: str) -> JobState | None:
+    fields = parse_scontrol_job(text)
+    if fields.get("JobId") != job_id or "JobState" not in fields:
+        return None
+    restarts = fields.get("Restarts")
+    return JobState(job_id, fields["JobState"], "scontrol",
+                    reason=None if fields.get("Reason") in (None, "None") else fields["Reason"],
+                    exit_code=fields.get("ExitCode"),
+                    restarts=int(restarts) if restarts and restarts.isdigit() else None,
+                    nodes=None if fields.get("NodeList") in (None, "(null)") else fields["NodeList"],
+                    run_time=fields.get("RunTime"), stderr_path=fields.get("StdErr"))
+
+
+def state_from_sacct(job_id: str, text: str) -> JobState | None:
+    """``sacct -n -P -X -j ID -o JobID,State,ExitCode,Elapsed,NodeList`` (the last record wins:
+    a requeued job has one per attempt with ``--duplicates``)."""
+    rows = [line.split("|") for line in text.splitlines() if line.strip()]
+    rows = [r for r in rows if len(r) >= 5 and r[0].split("_")[0] == job_id]
+    if not rows:
+        return None
+    _, state, exit_code, elapsed, nodes = rows[-1][:5]
+    return JobState(job_id, state.split()[0] if state else "UNKNOWN", "sacct",
+                    exit_code=exit_code or None, run_time=elapsed or None,
+                    nodes=None if nodes in ("", "None assigned") else nodes,
+                    restarts=len(rows) - 1 if len(rows) > 1 else None)
+
+
+@dataclass
+class Attempt:
+    job_id: str
+    attempt: int
+    started: str
+    ended: str | None = None
+    status: int | None = None
+    detail: str = ""
+
+
+def parse_attempts(text: str) -> list[Attempt]:
+    """The batch script's ``attempts.log``: ``TIME job=ID attempt=N start ...`` / ``... end status=S``."""
+    attempts: list[Attempt] = []
+    pattern = re.compile(r"^(\S+) job=(\S+) attempt=(\d+) (start|end)\b ?(.*)$")
+    for line in text.splitlines():
+        match = pattern.match(line.strip())
+        if not match:
+            continue
+        stamp, job, number, what, rest = match.groups()
+        if what == "start":
+            attempts.append(Attempt(job, int(number), stamp, detail=rest))
+        else:
+            status = re.search(r"status=(-?\d+)", rest)
+            for attempt in reversed(attempts):
+                if attempt.job_id == job and attempt.attempt == int(number) and attempt.ended is None:
+                    attempt.ended = stamp
+                    attempt.status = int(status.group(1)) if status else None
+                    break
+    return attempts
+
+
+def state_from_files(job_id: str, attempts: list[Attempt]) -> JobState:
+    """What the run directory says when Slurm no longer knows the job (accounting off and the
+    job older than MinJobAge)."""
+    mine = [a for a in attempts if a.job_id == job_id]
+    if not mine:
+        return JobState(job_id, "UNKNOWN", "files", reason="Slurm does not know the job and it "
+                                                           "recorded no attempt")
+    last = mine[-1]
+    restarts = max(a.attempt for a in mine)
+    if last.ended is None:
+        return JobState(job_id, "UNKNOWN", "files", restarts=restarts,
+                        reason=f"Slurm does not know the job; attempt {last.attempt} started "
+                               f"{last.started} and recorded no end (killed?)")
+    state = "COMPLETED" if last.status == 0 else "FAILED"
+    return JobState(job_id, state, "files", exit_code=f"{last.status}:0", restarts=restarts)
+
+
+def _run_quietly(runner: Callable, argv: list[str]) -> subprocess.CompletedProcess | None:
+    try:
+        return runner(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def query_job(job_id: str, *, attempts: list[Attempt] = (),
+              runner: Callable = subprocess.run) -> JobState:
+    """The job's state: ``scontrol show job`` (pending, running and recently ended jobs), then
+    ``sacct`` (when accounting is on), then the run directory's attempt records."""
+    done = _run_quietly(runner, ["scontrol", "show", "job", "-o", job_id])
+    if done is not None and done.returncode == 0:
+        state = state_from_scontrol(job_id, done.stdout)
+        if state is not None:
+            return state
+    done = _run_quietly(runner, ["sacct", "-n", "-P", "-X", "--duplicates", "-j", job_id,
+                                 "-o", "JobID,State,ExitCode,Elapsed,NodeList"])
+    if done is not None and done.returncode == 0:
+        state = state_from_sacct(job_id, done.stdout)
+        if state is not None:
+            return state
+    return state_from_files(job_id, list(attempts))
