@@ -13,6 +13,9 @@ Device: CPU pipelines (``device_id=None``) when ``torch.cuda.is_available()`` is
 pipelines (``mixed`` JPEG decode, ``device_id`` = the CUDA device index, normally the local rank)
 when it is True; ``device=`` overrides the choice.
 
+This module decides which samples each rank reads, in what order and with which seeds; the DALI
+graph that reads, decodes and transforms them is :mod:`.dali_graph`.
+
 Sharding is done here, not by DALI's reader (``shard_id``/``num_shards``): every epoch the
 loader computes each rank's exact list of samples and builds a pipeline that reads that list
 (``fn.readers.file(files=..., labels=...)``, or an ``fn.external_source`` over the shard arrays).
@@ -66,6 +69,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
+from .dali_graph import augmentation_keys, epoch_pipeline, to_torch
 from .layout import FileSplit, LayoutError, detect_format, list_split
 from .shard import read_manifest
 
@@ -73,7 +77,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS = ("imagenet", "small")
 FORMATS = ("auto", "imagefolder", "filelist", "shard")
-SMALL_PAD = 4
 _SUBSET_SEED = 0  # subsets are fixed across runs (independent of the run seed)
 
 
@@ -327,7 +330,7 @@ class Loader:
         # Exactly `steps` iterations are scheduled: nothing is decoded past the end of the epoch
         # (DALI's iterators prefetch `prefetch_queue_depth` batches beyond it).
         depth = min(2, steps)
-        pipe = self._pipeline(indices, self._pipeline_seed(epoch), depth, epoch)
+        pipe = self._epoch_pipeline(indices, epoch, depth)
         valid_t = torch.from_numpy(valid).to(self.device)
         try:
             pipe.schedule_run()  # the first call schedules `depth` iterations
@@ -340,7 +343,7 @@ class Loader:
                 if k < skip:
                     continue
                 n = min(bs, len(indices) - k * bs)  # the last batch is padded to full size
-                images, labels = _to_torch(images)[:n], _to_torch(labels).reshape(-1)[:n].long()
+                images, labels = to_torch(images)[:n], to_torch(labels).reshape(-1)[:n].long()
                 step = start - skip + k
                 self._epoch, self._step = ((epoch + 1, 0) if step + 1 == self._steps
                                            else (epoch, step + 1))
@@ -356,14 +359,6 @@ class Loader:
         """Whether augmentation is drawn per sample (small preset on a shard), not by DALI."""
         return self.train and self.spec.augment and self.format == "shard" and \
             self.spec.preset == "small"
-
-    def _augmentation_keys(self, epoch: int) -> np.ndarray:
-        """Per dataset index: (crop offset x, crop offset y, flip) of ``epoch`` (small preset)."""
-        rng = np.random.default_rng([self.seed, epoch, 0x5A5A])
-        total = len(self.labels)
-        offsets = rng.integers(0, 2 * SMALL_PAD + 1, size=(total, 2))
-        flips = rng.integers(0, 2, size=(total, 1))
-        return np.concatenate([offsets, flips], axis=1)
 
     def _pipeline_seed(self, epoch: int) -> int:
         state = np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)
@@ -397,86 +392,18 @@ class Loader:
         return mean, std
 
     # -------------------------------------------------------------------------------- pipeline
-    def _pipeline(self, indices: np.ndarray, seed: int, depth: int, epoch: int):
-        from nvidia.dali import fn, types
-        from nvidia.dali.pipeline import Pipeline
-
-        spec, gpu = self.spec, self._device_id is not None
-        bs, size = spec.batch_size, self.image_size
-        pipe = Pipeline(batch_size=bs, num_threads=spec.num_threads, device_id=self._device_id,
-                        seed=seed, prefetch_queue_depth=depth, exec_dynamic=True)
-        imagenet = spec.preset == "imagenet"
-        augment = self.train and spec.augment
-        area, ratio = [0.08, 1.0], [3.0 / 4.0, 4.0 / 3.0]
-        with pipe:
-            if self._files is not None:
-                encoded, labels = fn.readers.file(
-                    files=[self._files[i] for i in indices],
-                    labels=[int(self.labels[i]) for i in indices],
-                    random_shuffle=False, pad_last_batch=True, name="reader")
-                decode = "mixed" if gpu else "cpu"
-                colour = types.RGB if self.channels == 3 else types.GRAY
-                if imagenet and augment:
-                    images = fn.decoders.image_random_crop(
-                        encoded, device=decode, output_type=colour, random_area=area,
-                        random_aspect_ratio=ratio, num_attempts=10)
-                    images = fn.resize(images, resize_x=size, resize_y=size)
-                else:
-                    images = fn.decoders.image(encoded, device=decode, output_type=colour)
-            else:
-                keyed = self._keyed_augmentation
-                keys = self._augmentation_keys(epoch) if keyed else None
-                outputs = fn.external_source(
-                    source=_ShardSource(self._images, self.labels, indices, bs, keys),
-                    num_outputs=3 if keyed else 2, batch=True,
-                    layout=["HWC", ""] + ([""] if keyed else []),
-                    dtype=[types.UINT8, types.INT64] + ([types.INT64] if keyed else []))
-                images, labels = outputs[0], outputs[1]
-                if keyed:
-                    crop_x = fn.cast(outputs[2][0], dtype=types.FLOAT) / (2 * SMALL_PAD)
-                    crop_y = fn.cast(outputs[2][1], dtype=types.FLOAT) / (2 * SMALL_PAD)
-                    flip = fn.cast(outputs[2][2], dtype=types.INT32)
-                if self.channels == 3 and self._stored_channels == 1:
-                    images = fn.cat(images, images, images, axis=2)
-                elif self.channels == 1 and self._stored_channels == 3:
-                    images = fn.color_space_conversion(images, image_type=types.RGB,
-                                                       output_type=types.GRAY)
-                if gpu:
-                    images = images.gpu()
-                if imagenet and augment:
-                    images = fn.random_resized_crop(images, size=[size, size],
-                                                    random_area=area, random_aspect_ratio=ratio)
-            normalize = dict(dtype=types.FLOAT, output_layout="CHW",
-                             mean=[255.0 * m for m in self.mean],
-                             std=[255.0 * s for s in self.std])
-            if imagenet:
-                if augment:
-                    images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(),
-                                                      **normalize)
-                else:
-                    images = fn.resize(images, resize_shorter=round(size * 256 / 224))
-                    images = fn.crop_mirror_normalize(images, crop=(size, size), **normalize)
-            elif augment:
-                padded = size + 2 * SMALL_PAD
-                images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad")
-                offsets = [k / (2 * SMALL_PAD) for k in range(2 * SMALL_PAD + 1)]
-                if self._keyed_augmentation:
-                    images = fn.crop_mirror_normalize(images, crop=(size, size),
-                                                      crop_pos_x=crop_x, crop_pos_y=crop_y,
-                                                      mirror=flip, **normalize)
-                else:
-                    images = fn.crop_mirror_normalize(
-                        images, crop=(size, size), crop_pos_x=fn.random.uniform(values=offsets),
-                        crop_pos_y=fn.random.uniform(values=offsets),
-                        mirror=fn.random.coin_flip(), **normalize)
-            else:
-                # crop_mirror_normalize pads in output space: fill with a normalized 0 pixel
-                images = fn.crop_mirror_normalize(
-                    images, crop=(size, size), out_of_bounds_policy="pad",
-                    fill_values=[-m / s for m, s in zip(self.mean, self.std)], **normalize)
-            pipe.set_outputs(images, labels.gpu() if gpu else labels)
-        pipe.build()
-        return pipe
+    def _epoch_pipeline(self, indices: np.ndarray, epoch: int, depth: int):
+        """The DALI pipeline reading ``indices`` of ``epoch``, ``depth`` batches scheduled ahead."""
+        spec = self.spec
+        keys = (augmentation_keys(self.seed, epoch, len(self.labels))
+                if self._keyed_augmentation else None)
+        return epoch_pipeline(
+            indices, files=self._files, shard_images=self._images, dataset_labels=self.labels,
+            keys=keys, preset=spec.preset, augment=self.train and spec.augment,
+            channels=self.channels, stored_channels=self._stored_channels,
+            image_size=self.image_size, mean=self.mean, std=self.std, batch_size=spec.batch_size,
+            num_threads=spec.num_threads, device_id=self._device_id,
+            seed=self._pipeline_seed(epoch), depth=depth)
 
 
 def _without(listing: FileSplit, root, exclude: frozenset[str],
@@ -489,39 +416,6 @@ def _without(listing: FileSplit, root, exclude: frozenset[str],
     if not keep.any():
         raise LayoutError(f"{root}: every {split} image is excluded (unreadable)")
     return tuple(f for f, k in zip(listing.files, keep) if k), listing.labels[keep]
-
-
-def _to_torch(batch) -> torch.Tensor:
-    """A DALI output batch as a torch tensor without a copy (``exec_dynamic`` pipelines hand
-    out buffers they do not reuse while referenced, as DALI's own PyTorch iterator relies on)."""
-    from nvidia.dali.tensors import TensorGPU
-
-    tensor = batch.as_tensor()
-    if isinstance(tensor, TensorGPU):
-        with torch.cuda.device(tensor.device_id()):
-            return torch.from_dlpack(tensor)
-    return torch.from_dlpack(tensor)
-
-
-class _ShardSource:
-    """Batch-mode ``external_source`` callback: batch ``i`` of the rank's index list, the last
-    one padded to a full batch by repeating its final sample (trimmed by the iterator); with
-    ``keys``, a third output holds each sample's augmentation keys (row of ``keys``)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, bs: int,
-                 keys: np.ndarray | None = None):
-        self.images, self.labels, self.indices, self.bs = images, labels, indices, bs
-        self.keys = keys
-        self.steps = math.ceil(len(indices) / bs)
-
-    def __call__(self, iteration: int):
-        chunk = self.indices[(iteration % self.steps) * self.bs:][:self.bs]
-        if len(chunk) < self.bs:
-            chunk = np.concatenate([chunk, np.full(self.bs - len(chunk), chunk[-1])])
-        batch = (np.ascontiguousarray(self.images[chunk]), self.labels[chunk])
-        if self.keys is not None:
-            batch += (np.ascontiguousarray(self.keys[chunk]),)
-        return batch
 
 
 __all__ = ["LoaderSpec", "Loader", "Batch", "EvalBatch", "build_loader", "default_device",

@@ -8,7 +8,7 @@ from binaryduo import models
 from binaryduo.trainer.runtime.distributed import init_distributed, sync_batchnorm_statistics, teardown
 from binaryduo.trainer.run.feed import DataFeed
 from binaryduo.trainer.run.loop import evaluate
-from binaryduo.trainer.recipe.schema import DataSection
+from binaryduo.trainer.recipe import DataSection
 
 
 def main(root: str, out: str) -> None:

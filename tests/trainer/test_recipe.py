@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from binaryduo.trainer.recipe.schema import RecipeError, ScheduleSection, load_recipe
+from binaryduo.trainer.recipe import RecipeError, ScheduleSection, load_recipe
 from binaryduo.trainer.run.schedules import learning_rate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -45,7 +45,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from binaryduo.trainer.tracking.tracker import (Tracker, TrackingError, TrackingUnavailable, check_tracking_server)
+    from binaryduo.trainer.tracking.server import check_tracking_server
+    from binaryduo.trainer.tracking.tracker import Tracker, TrackingError, TrackingUnavailable
     from binaryduo.trainer.tracking.journal import JournalBusy
 
     journal = _journal(args.run_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from binaryduo.trainer.runtime.distributed import DistributedContext
-from binaryduo.trainer.recipe.schema import Recipe, StageSection
+from binaryduo.trainer.recipe import Recipe, StageSection
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:

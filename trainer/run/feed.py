@@ -12,7 +12,7 @@ import torch
 from binaryduo.data.pipelines import LoaderSpec, build_loader
 
 from binaryduo.trainer.runtime.distributed import DistributedContext, on_main_then_broadcast
-from binaryduo.trainer.recipe.schema import DataSection, RecipeError
+from binaryduo.trainer.recipe import DataSection, RecipeError
 
 #: --smoke: this many steps per epoch (and one evaluation batch per rank).
 SMOKE_STEPS = 2

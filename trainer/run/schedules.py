@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from binaryduo.trainer.recipe.schema import ScheduleSection
+from binaryduo.trainer.recipe import ScheduleSection
 
 
 def learning_rate(schedule: ScheduleSection, base_lr: float, step: int, steps_per_epoch: int,

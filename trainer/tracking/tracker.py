@@ -1,15 +1,14 @@
 """MLflow records: one parent run per recipe run, one nested run per stage; rank 0 only.
 
-The embedded default is a sqlite store ``./mlflow.db`` (artifacts beside it in ``./mlartifacts``),
-shared by successive runs so they can be compared; ``--tracking-uri`` / ``MLFLOW_TRACKING_URI``
-point at a server instead. Run ids are kept in the run directory so a resumed run logs into the
-same runs.
+Where the records go (the sqlite store ``./mlflow.db`` by default, or a server) and whether that
+server answers is :mod:`.server`; sending one record is :mod:`.delivery`. Run ids are kept in the
+run directory so a resumed run logs into the same runs.
 
 When the tracking server goes away (``binaryduo train`` gives the Tracker a run directory):
 
 - at start, ``check_tracking_server`` asks an http(s) server one quick question before anything
   runs; no answer is a one-line error (or train with ``--offline``);
-- every record is first appended to the run's journal (:mod:`.tracking_journal`), then sent. A
+- every record is first appended to the run's journal (:mod:`.journal`), then sent. A
   send that fails because the server is unreachable (connection refused, time-out, HTTP 5xx, 401,
   403, 429) leaves the record pending: one warning line, training goes on. Later calls first send
   the backlog, in order, at most once per back-off interval (5 s doubling to 120 s, capped by
@@ -41,33 +40,18 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from binaryduo.trainer.tracking.delivery import LOCAL_PREFIX, RecordSender, TrackingError
 from binaryduo.trainer.tracking.journal import Journal, JournalBusy
+from binaryduo.trainer.tracking.server import (TrackingUnavailable, bound_http_requests,
+                                               check_tracking_server, resolve_tracking_uri,
+                                               short_reason, unreachable)
 
-DEFAULT_DB = "mlflow.db"
-PARENT_TAG = "mlflow.parentRunId"
-LOCAL_ID_TAG = "binaryduo.local_run_id"
-LOCAL_PREFIX = "local-"
-HTTP_TIMEOUT_S = 10
-PREFLIGHT_TIMEOUT_S = 5
+#: What callers import from here: the Tracker and its errors, and the server checks it runs with.
+__all__ = ["JournalClient", "Tracker", "TrackingError", "TrackingUnavailable",
+           "check_tracking_server", "flatten", "resolve_tracking_uri"]
+
 RETRY_ENV = "BINARYDUO_TRACKING_RETRY_S"
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server does not answer (pre-flight, or replay)."""
-
-
-class TrackingError(RuntimeError):
-    """The tracking store rejected a record (not a reachability problem)."""
-
-
-def resolve_tracking_uri(cli_uri: str | None, recipe_uri: str | None) -> str:
-    """--tracking-uri, then MLFLOW_TRACKING_URI, then the recipe, then ./mlflow.db (sqlite)."""
-    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or recipe_uri
-    if uri:
-        return uri
-    return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -85,81 +69,6 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def is_remote(uri: str) -> bool:
-    return urlparse(uri).scheme in ("http", "https")
-
-
-def bound_http_requests() -> None:
-    """One HTTP attempt with a 10 s time-out per MLflow request in this process, unless the user
-    set MLflow's variables (its defaults retry with back-off for minutes)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
-
-
-def unreachable(error: BaseException) -> bool:
-    """True when ``error`` says the server could not be reached or could not answer now (the
-    record may succeed later); False for a rejection of the record itself."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(error, (requests.RequestException, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(error, MlflowException):
-        status = error.get_http_status_code()
-        return status >= 500 or status in (401, 403, 408, 429)
-    return False
-
-
-def short_reason(error: BaseException) -> str:
-    """A few words for a one-line message: ``connection refused``, ``timed out``, ``HTTP 503``."""
-    text = str(error)
-    lowered = text.lower()
-    if "connection refused" in lowered:
-        return "connection refused"
-    if "timed out" in lowered or "timeout" in lowered:
-        return "timed out"
-    if "name or service not known" in lowered or "nodename nor servname" in lowered:
-        return "unknown host"
-    for code in ("500", "502", "503", "504", "429", "401", "403"):
-        if f"{code} error" in lowered or f"error code {code}" in lowered or \
-                f"too many {code}" in lowered:
-            return f"HTTP {code}"
-    line = " ".join(text.split())
-    return line[:160] + ("..." if len(line) > 160 else "")
-
-
-TRAIN_HINT = ("start it, or train with --offline (records stay in the run directory; deliver them "
-              "later with `binaryduo tracking replay RUN_DIR`)")
-
-
-def check_tracking_server(uri: str, hint: str = TRAIN_HINT) -> None:
-    """Pre-flight, before any compute: an http(s) tracking server must answer one API request
-    within a few seconds, else :class:`TrackingUnavailable` (a one-line message). Only the rank
-    that logs (global rank 0, read from RANK / SLURM_PROCID) asks. Other stores are local."""
-    if not is_remote(uri):
-        return
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
-        return
-    bound_http_requests()
-    from mlflow.tracking import MlflowClient
-
-    names = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(PREFLIGHT_TIMEOUT_S)  # one quick question
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    try:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as error:  # noqa: BLE001 - every failure here means "not usable"
-        raise TrackingUnavailable(
-            f"tracking server {uri}: not reachable ({short_reason(error)}); {hint}") from None
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 class _Metric:
     __slots__ = ("key", "value", "timestamp", "step")
 
@@ -171,23 +80,23 @@ class JournalClient:
     """``get_metric_history`` from the journal for runs it created (all of their history is in
     it); everything else goes to the ``MlflowClient``."""
 
-    def __init__(self, tracker: "Tracker"):
-        self._tracker = tracker
+    def __init__(self, journal: Journal, sender: RecordSender):
+        self._journal, self._sender = journal, sender
 
     def get_metric_history(self, run_id: str, key: str):
-        tracker = self._tracker
-        canonical = tracker._canonical(run_id)
-        created = {tracker._canonical(r["local_id"]) for r in tracker.journal.records.values()
+        journal, sender = self._journal, self._sender
+        canonical = sender.canonical(run_id)
+        created = {sender.canonical(r["local_id"]) for r in journal.records.values()
                    if r["op"] == "create_run"}
         if canonical not in created:
-            return tracker.mlflow.get_metric_history(tracker._real_id(run_id), key)
+            return sender.mlflow.get_metric_history(sender.real_id(run_id), key)
         return [_Metric(key, r["metrics"][key], r["timestamp"], r["step"])
-                for r in (tracker.journal.records[s] for s in sorted(tracker.journal.records))
+                for r in (journal.records[s] for s in sorted(journal.records))
                 if r["op"] == "log_metrics" and key in r["metrics"]
-                and tracker._canonical(r["run_id"]) == canonical]
+                and sender.canonical(r["run_id"]) == canonical]
 
     def __getattr__(self, name):
-        return getattr(self._tracker.mlflow, name)
+        return getattr(self._sender.mlflow, name)
 
 
 class Tracker:
@@ -203,17 +112,13 @@ class Tracker:
         self.experiment = experiment
         self.enabled = enabled
         self.offline = offline
-        self.experiment_id = None
         self.journal: Journal | None = None
-        self._mlflow = None
         self._down_since: float | None = None
         self._next_try = 0.0
         self._delay = 0.0
         self._delivered_while_down = 0
         self._direct_run_id = None
-        if not enabled:
-            return
-        if journal_dir is not None:
+        if enabled and journal_dir is not None:
             bound_http_requests()
             self.journal = Journal(Path(journal_dir))
             try:
@@ -221,17 +126,14 @@ class Tracker:
             except JournalBusy as error:
                 raise TrackingError(f"{error} (a `binaryduo tracking replay`, or another "
                                     f"training in the same run directory)") from None
-        elif offline:
+        elif enabled and offline:
             raise ValueError("offline tracking needs a journal directory")
+        self._sender = RecordSender(uri, experiment, self.journal)
 
     # ------------------------------------------------------------------ clients
     @property
     def mlflow(self):
-        if self._mlflow is None:
-            from mlflow.tracking import MlflowClient
-
-            self._mlflow = MlflowClient(tracking_uri=self.uri)
-        return self._mlflow
+        return self._sender.mlflow
 
     @property
     def client(self):
@@ -239,9 +141,10 @@ class Tracker:
         :class:`JournalClient` over it; None when disabled."""
         if not self.enabled:
             return None
-        return JournalClient(self) if self.journal is not None else self.mlflow
+        return (JournalClient(self.journal, self._sender) if self.journal is not None
+                else self.mlflow)
 
-    # ------------------------------------------------------------------ the API (stages.py)
+    # ------------------------------------------------------------------ the API (the runner)
     def start_run(self, name: str, *, tags: Mapping[str, str] | None = None,
                   parent: str | None = None, run_id: str | None = None) -> str | None:
         """Creates a run (nested under ``parent``), or reopens ``run_id`` after a resume. Returns
@@ -322,13 +225,13 @@ class Tracker:
         counts: dict[str, int] = {}
         for record in self.journal.pending():
             try:
-                result = self._deliver(record)
+                result = self._sender.deliver(record)
             except Exception as error:  # noqa: BLE001 - classified below
                 if unreachable(error):
                     raise TrackingUnavailable(
                         f"tracking server {self.uri}: not reachable ({short_reason(error)})"
                     ) from None
-                raise self._rejected(record, error) from None
+                raise self._sender.rejected(record, error) from None
             self.journal.mark_done(record, result)
             counts[record["op"]] = counts.get(record["op"], 0) + 1
         return counts
@@ -336,7 +239,7 @@ class Tracker:
     # ------------------------------------------------------------------ delivery
     def _submit(self, op: str, **fields: Any) -> None:
         if self.journal is None:  # direct: as before the journal existed, errors raise
-            result = self._deliver({"op": op, **fields, "local_id": None})
+            result = self._sender.deliver({"op": op, **fields, "local_id": None})
             if op == "create_run":
                 self._direct_run_id = result
             return
@@ -357,10 +260,10 @@ class Tracker:
             return
         for record in pending:
             try:
-                result = self._deliver(record)
+                result = self._sender.deliver(record)
             except Exception as error:  # noqa: BLE001 - classified below
                 if not unreachable(error):
-                    raise self._rejected(record, error) from None
+                    raise self._sender.rejected(record, error) from None
                 self._server_down(error)
                 return
             self.journal.mark_done(record, result)
@@ -382,104 +285,3 @@ class Tracker:
             print(f"binaryduo: warning: tracking server {self.uri} not reachable "
                   f"({short_reason(error)}); training goes on, records are kept in "
                   f"{self.journal.path} and sent when it is back", file=sys.stderr, flush=True)
-
-    def _rejected(self, record: dict[str, Any], error: BaseException) -> TrackingError:
-        where = (f" (journal record {record['seq']}, still pending; give up on it with: "
-                 f"binaryduo tracking replay RUN_DIR --discard {record['seq']})"
-                 if "seq" in record else "")
-        from mlflow.exceptions import MlflowException
-
-        kind = "" if isinstance(error, MlflowException) else f"{type(error).__name__}: "
-        return TrackingError(f"tracking store {self.uri} rejected {record['op']} for run "
-                             f"{record.get('run_id') or record.get('name')}{where}: "
-                             f"{kind}{' '.join(str(error).split())[:300]}")
-
-    def _experiment_id(self) -> str:
-        if self.experiment_id is None:
-            found = self.mlflow.get_experiment_by_name(self.experiment)
-            if found is not None:
-                self.experiment_id = found.experiment_id
-            else:
-                location = None
-                if self.uri.startswith("sqlite:///"):
-                    # keep artifacts beside the database, not wherever the process happens to run
-                    db = Path(self.uri.removeprefix("sqlite:///"))
-                    location = (db.parent / "mlartifacts" / self.experiment).resolve().as_uri()
-                self.experiment_id = self.mlflow.create_experiment(
-                    self.experiment, artifact_location=location)
-        return self.experiment_id
-
-    def _canonical(self, run_id: str | None) -> str | None:
-        if self.journal is None or run_id is None:
-            return run_id
-        return self.journal.run_ids.get(run_id, run_id)
-
-    def _real_id(self, run_id: str | None) -> str | None:
-        """The MLflow id of ``run_id`` (a placeholder is looked up in the journal, then by its
-        tag on the server: the journal may have lost the acknowledgement)."""
-        if run_id is None or not run_id.startswith(LOCAL_PREFIX):
-            return run_id
-        if self.journal is not None and run_id in self.journal.run_ids:
-            return self.journal.run_ids[run_id]
-        found = self._find_by_local_id(run_id)
-        if found is None:
-            from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
-
-            raise MlflowException(f"run {run_id} was never delivered to {self.uri} and the "
-                                  f"journal does not create it", error_code=RESOURCE_DOES_NOT_EXIST)
-        return found
-
-    def _find_by_local_id(self, local_id: str) -> str | None:
-        runs = self.mlflow.search_runs([self._experiment_id()],
-                                       filter_string=f"tags.`{LOCAL_ID_TAG}` = '{local_id}'",
-                                       max_results=1)
-        return runs[0].info.run_id if runs else None
-
-    def _deliver(self, record: dict[str, Any]) -> str | None:
-        """Sends one record; returns the MLflow run id for a create. Safe to repeat."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        op, client = record["op"], self.mlflow
-        if op == "create_run":
-            local_id = record["local_id"]
-            if local_id is not None:  # journaled: this create may have reached the server before
-                existing = self._find_by_local_id(local_id)
-                if existing is not None:
-                    return existing
-            tags = dict(record["tags"])
-            if record["parent"] is not None:
-                tags[PARENT_TAG] = self._real_id(record["parent"])
-            if local_id is not None:
-                tags[LOCAL_ID_TAG] = local_id
-            return client.create_run(self._experiment_id(), start_time=record["start_time"],
-                                     tags=tags, run_name=record["name"]).info.run_id
-        run_id = self._real_id(record["run_id"])
-        if op == "reopen_run":
-            client.update_run(run_id, status="RUNNING")
-        elif op == "log_params":
-            existing = client.get_run(run_id).data.params
-            fresh = [Param(k, v) for k, v in record["params"].items() if k not in existing]
-            for start in range(0, len(fresh), 100):
-                client.log_batch(run_id, params=fresh[start:start + 100])
-        elif op == "log_metrics":
-            client.log_batch(run_id, metrics=[Metric(k, v, record["timestamp"], record["step"])
-                                              for k, v in record["metrics"].items()])
-        elif op == "set_tags":
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
-        elif op == "log_artifact":
-            path = record["path"]
-            if self.journal is not None:
-                path = self.journal.artifact_source(record)
-            if not Path(path).is_file():
-                from mlflow.exceptions import MlflowException
-                from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
-
-                raise MlflowException(f"artifact file {path} no longer exists",
-                                      error_code=RESOURCE_DOES_NOT_EXIST)
-            client.log_artifact(run_id, path, record["artifact_path"])
-        elif op == "set_terminated":
-            client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
-        else:
-            raise ValueError(f"unknown tracking record {op!r}")
-        return None

@@ -1,0 +1,123 @@
+"""Recipe checks that need more than one field: the recipe name's length, model options per
+variant (the model registry), the stage chain (``init_from: previous``, ``transition: decouple``),
+and -- unless only the schema is checked -- the checkpoints and the dataset the recipe names.
+
+Each problem is ``(key path, message)``; :func:`binaryduo.trainer.recipe.loading.load_recipe`
+turns the key path into ``file:line``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from binaryduo import models
+from binaryduo.trainer.recipe.schema import MAX_NAME, DataSection, Recipe
+
+
+def semantic_problems(recipe: Recipe, *, check_paths: bool,
+                      base_dir: Path) -> list[tuple[tuple, str]]:
+    """Checks that need more than one field: model options per variant, stage chain, paths."""
+    problems: list[tuple[tuple, str]] = []
+    if len(recipe.name) > MAX_NAME:
+        problems.append((("name",), f"is {len(recipe.name)} characters long; at most {MAX_NAME} "
+                                    f"(it names the run directory)"))
+    if recipe.model.name not in models.names():
+        problems.append((("model", "name"), f"unknown model {recipe.model.name!r}; valid models: "
+                                            f"{', '.join(models.names())}"))
+    else:
+        for index, stage in enumerate(recipe.stages):
+            try:
+                models.registry.resolve_config(recipe.model.name, stage.variant,
+                                               **recipe.model.options)
+            except ValueError as error:
+                problems.append((("model", "options"), f"{error} (stage {stage.name!r})"))
+                break
+
+    data = recipe.data
+    if data.train_subset is not None and data.train_subset < data.batch_size:
+        problems.append((("data", "train_subset"),
+                         f"{data.train_subset} images are fewer than data.batch_size "
+                         f"({data.batch_size}): an epoch would have no full batch"))
+
+    in_channels = recipe.model.options.get("in_channels", 3)
+    if in_channels != recipe.data.channels:
+        problems.append((("data", "channels"), f"the pipeline gives {recipe.data.channels}-channel "
+                                               f"images but model.options.in_channels is "
+                                               f"{in_channels}"))
+
+    if recipe.model.options.get("latent_clip") is not None and (
+            recipe.precision == "bf16" or recipe.deepspeed.zero_stage > 0):
+        problems.append((("model", "options"), "latent_clip needs precision fp32 (or auto on CPU) "
+                                               "and deepspeed.zero_stage 0: it clamps the "
+                                               "parameters the optimizer steps"))
+
+    names = [stage.name for stage in recipe.stages]
+    for index, stage in enumerate(recipe.stages):
+        loc = ("stages", index)
+        if names.count(stage.name) > 1 and names.index(stage.name) != index:
+            problems.append((loc + ("name",), f"duplicate stage name {stage.name!r}"))
+        previous = recipe.stages[index - 1] if index else None
+        if stage.init_from == "previous" and previous is None:
+            problems.append((loc + ("init_from",), "the first stage has no previous stage"))
+        if stage.transition == "decouple":
+            if stage.init_from != "previous" or previous is None:
+                problems.append((loc + ("transition",),
+                                 "decouple needs init_from: previous (it decouples the previous "
+                                 "stage's model)"))
+            elif previous.variant != "coupled":
+                problems.append((loc + ("transition",),
+                                 f"decouple needs a coupled previous stage; stage "
+                                 f"{previous.name!r} trains variant {previous.variant!r}"))
+            if stage.variant != "decoupled":
+                problems.append((loc + ("variant",), f"a stage after decouple trains variant "
+                                                     f"'decoupled', not {stage.variant!r}"))
+        elif stage.init_from == "previous" and previous is not None \
+                and previous.variant != stage.variant:
+            problems.append((loc + ("init_from",),
+                             f"stage {previous.name!r} trains {previous.variant!r}, this one "
+                             f"{stage.variant!r}: their shapes differ (use transition: decouple "
+                             f"from coupled to decoupled)"))
+        if check_paths and stage.init_from not in (None, "previous"):
+            source = base_dir / stage.init_from
+            if not source.exists():
+                problems.append((loc + ("init_from",),
+                                 f"checkpoint {stage.init_from} does not exist"))
+            elif not source.is_file():
+                problems.append((loc + ("init_from",),
+                                 f"checkpoint {stage.init_from} is not a file (init_from names a "
+                                 f"model file, e.g. RUN/checkpoints/STAGE/TAG/model_state.pt)"))
+
+    if check_paths and recipe.data.prepare is None:
+        problems.extend((("data", "root"), p) for p in _dataset_problems(base_dir / recipe.data.root,
+                                                                        recipe.data))
+    elif check_paths:
+        problems.extend((("data", "root"), p) for p in _prepare_problems(base_dir / recipe.data.root,
+                                                                        recipe.data))
+    return problems
+
+
+def _prepare_problems(root: Path, data: DataSection) -> list[str]:
+    """``data.prepare`` builds the dataset at ``root`` when it is missing; a path that holds
+    something else is never written over, and would stop the run only after set-up."""
+    from binaryduo.data.shard import is_shard_dir
+
+    if not root.exists() or (root.is_dir() and (is_shard_dir(root) or not any(root.iterdir()))):
+        return []
+    return [f"{data.root} exists and is not a {data.prepare} dataset (data.prepare would build "
+            f"one there; it never writes over other files): choose another data.root"]
+
+
+def _dataset_problems(root: Path, data: DataSection) -> list[str]:
+    from binaryduo.data.layout import LayoutError, detect_format
+
+    if not root.is_dir():
+        return [f"dataset directory {data.root} does not exist"]
+    try:
+        found = detect_format(root)
+    except LayoutError as error:
+        return [f"dataset {data.root}: {error}"]
+    if data.format != "auto" and found != data.format:
+        return [f"dataset {data.root} is in format {found!r}, the recipe says {data.format!r}"]
+    if found == "imagefolder":
+        return [f"dataset {data.root} has no {split}/ directory"
+                for split in ("train", "val") if not (root / split).is_dir()]
+    return []
