@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CDG estimator: the batched evaluation (trainer/mismatch.py) against the naive loop.
+"""CDG estimator: the batched evaluation (trainer/analysis/mismatch.py) against the naive loop.
 
 For each layer of a VGG-7 (half width, FP weights, binary activations, random BN state so that
 thresholds are crossed) this computes the per-sample loss differences

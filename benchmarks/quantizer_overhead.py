@@ -70,7 +70,7 @@ class Setup:
     num_classes: int
 
 
-#: vgg7 as in method.md §9 (32 px, batch 128); the ImageNet models at sizes that keep the whole
+#: vgg7 as in docs/method.md §9 (32 px, batch 128); the ImageNet models at sizes that keep the whole
 #: script at a few minutes on 2 CPU cores.
 SETUPS = {
     "vgg7": Setup(input_size=32, batch=128, num_classes=10),

@@ -115,7 +115,7 @@ def _model_source(args: argparse.Namespace) -> ModelSource:
         options = {**(recipe["model"].get("options") or {}), **options}
     if name is None:
         raise UsageError("gradient-mismatch: give --model NAME or --checkpoint RUN_DIR")
-    options.setdefault("weight_bits", 32)  # the analysis measures FP weights (trainer/mismatch.py)
+    options.setdefault("weight_bits", 32)  # the analysis measures FP weights (trainer/analysis/mismatch.py)
     return ModelSource(name, variant or "bnn", options, weights, recipe, stage)
 
 

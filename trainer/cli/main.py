@@ -73,7 +73,7 @@ def cmd_analyze_decoupling(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from binaryduo.trainer.recipe.schema import RecipeError, load_recipe
+    from binaryduo.trainer.recipe import RecipeError, load_recipe
 
     try:
         recipe = load_recipe(args.recipe, args.set, schema_only=args.schema_only)
@@ -89,11 +89,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from binaryduo.trainer.recipe.schema import RecipeError
+    from binaryduo.trainer.recipe import RecipeError
     from binaryduo.trainer.run.train import train
     from binaryduo.trainer.run.checkpoint import (CheckpointCorruptError, CheckpointWriteError,
                                                   UntrustedCheckpointError)
-    from binaryduo.trainer.run.runner import StageTransitionError
+    from binaryduo.trainer.run.transitions import StageTransitionError
     from binaryduo.trainer.tracking.tracker import TrackingError, TrackingUnavailable
 
     try:

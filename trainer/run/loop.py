@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from binaryduo.models import clip_latent_weights_
 
 from binaryduo.trainer.runtime.distributed import DistributedContext, all_reduce_sum, any_rank
+from binaryduo.trainer.runtime.faults import NO_FAULTS, EpochFaults
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
                 on_log: Callable[[int, dict[str, float]], None], progress=None,
                 resumed: EpochProgress | None = None,
                 stop: Callable[[], bool] | None = None,
-                after_backward: Callable | None = None) -> EpochProgress:
+                faults: EpochFaults = NO_FAULTS.at_epoch("", 0)) -> EpochProgress:
     """Trains ``engine`` over ``loader`` (the rest of an epoch); returns this rank's sums, with
     ``stopped`` set when ``stop()`` -- asked after every step -- said so.
 
@@ -72,8 +73,8 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
     masters at ZeRO 0 / fp32).
 
     A non-finite loss on any rank raises ``FloatingPointError`` on every rank before the
-    backward pass (nothing is stepped with it). ``after_backward(engine, step_in_epoch)`` is the fault-injection hook (see
-    :mod:`.faults`).
+    backward pass (nothing is stepped with it). ``faults`` is called at its named points (after
+    the backward pass, after the step; see :mod:`binaryduo.trainer.runtime.faults`).
     """
     engine.train()
     sums = EpochProgress(**(resumed.__dict__ if resumed else {}))
@@ -99,8 +100,7 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
             raise FloatingPointError(f"training loss is {where} at step {sums.steps + 1} of the "
                                      f"epoch (global step {step + 1})")
         engine.backward(loss)
-        if after_backward is not None:
-            after_backward(engine, sums.steps + 1)
+        faults.after_backward(engine.module, sums.steps + 1)
         engine.step()
         clip_latent_weights_(engine.module)
         loss_sum += loss.detach().to(torch.float64)
@@ -117,6 +117,7 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
         if log_every and step % log_every == 0:
             on_log(step, {"train_loss_step": float(loss.item()), "lr": sums.lr})
         fetch_started = time.perf_counter()
+        faults.after_step(sums.steps)
         if stop is not None and stop():
             sums.stopped = True
             break
@@ -138,7 +139,7 @@ def epoch_stats(sums: EpochProgress, ctx: DistributedContext) -> EpochStats:
 def evaluate(model: torch.nn.Module, loader: Iterable, *, ctx: DistributedContext,
              dtype: torch.dtype, after_first_batch: Callable[[], None] | None = None) -> EvalStats:
     """Top-1/top-5 over every validation image exactly once across ranks (padding masked out).
-    ``after_first_batch`` is the fault-injection hook (see :mod:`.faults`)."""
+    ``after_first_batch`` is a fault-injection point (see :mod:`binaryduo.trainer.runtime.faults`)."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0

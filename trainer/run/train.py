@@ -10,8 +10,9 @@ import yaml
 
 from binaryduo.trainer.run.checkpoint import atomic_write_text
 from binaryduo.trainer.runtime.preemption import EXIT_PREEMPTED, Preempted, Preemption, requeue_slurm_job
-from binaryduo.trainer.recipe.schema import Recipe, load_recipe
-from binaryduo.trainer.tracking.tracker import Tracker, check_tracking_server, resolve_tracking_uri
+from binaryduo.trainer.recipe import Recipe, load_recipe
+from binaryduo.trainer.tracking.server import check_tracking_server, resolve_tracking_uri
+from binaryduo.trainer.tracking.tracker import Tracker
 
 
 def smoke_recipe(recipe: Recipe) -> Recipe:
@@ -66,11 +67,12 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
 
     import torch
 
-    from binaryduo.trainer.run import runner as stages
+    from binaryduo.trainer.run.runner import run_recipe
     from binaryduo.trainer.runtime.distributed import broadcast_object, init_distributed, teardown
     from binaryduo.trainer.run.deepspeed_engine import resolve_dtype
     from binaryduo.trainer.run.feed import DataFeed, check_data
-    from binaryduo.trainer.tracking.provenance import code_version, hardware, package_versions, recipe_hash
+    from binaryduo.trainer.tracking.provenance import (code_version, code_version_tag, hardware,
+                                                       package_versions, recipe_hash)
 
     ctx = init_distributed()
     clean = False
@@ -87,7 +89,7 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
         version = code_version()
         dtype = resolve_dtype(recipe.precision, ctx.device)
         # what `auto` resolved to on this machine, so runs from CPU and GPU compare honestly
-        tags = {"code_version": f"{version['git_sha']}{'-dirty' if version['git_dirty'] else ''}",
+        tags = {"code_version": code_version_tag(version),
                 "world_size": str(ctx.world_size), "hardware": hardware(ctx.world_size)["device"],
                 "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
                 "dist_backend": str(torch.distributed.get_backend()),
@@ -107,10 +109,9 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
                           journal_dir=output_dir, offline=offline)
         feed = DataFeed(recipe.data, ctx, smoke=smoke, exclude=data_check.skipped)
         try:
-            results = stages.run_recipe(recipe, ctx=ctx, output_dir=output_dir, tracker=tracker,
-                                        loaders=feed, dtype=dtype, tags=tags,
-                                        artifacts_dir=output_dir, recipe_hash=digest,
-                                        preemption=preemption)
+            results = run_recipe(recipe, ctx=ctx, output_dir=output_dir, tracker=tracker,
+                                 loaders=feed, dtype=dtype, tags=tags, recipe_hash=digest,
+                                 preemption=preemption)
         except Preempted as stop:
             if ctx.is_main:
                 action = requeue_slurm_job() if stop.requeue else (

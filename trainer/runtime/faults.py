@@ -47,6 +47,10 @@ class FaultHooks:
     def active(self) -> bool:
         return bool(self.fault)
 
+    def at_epoch(self, stage: str, epoch: int) -> "EpochFaults":
+        """The points inside one epoch (``epoch`` 1-based), for the training loop."""
+        return EpochFaults(self, stage, epoch)
+
     def kill_point(self, point: str, stage: str, epoch: int, step: int | None = None) -> None:
         """``kill:POINT:STAGE:EPOCH[:STEP]``: SIGKILL this process here."""
         if self.fault and self.fault == ["kill", point, stage, str(epoch)] + (
@@ -96,6 +100,22 @@ class FaultHooks:
 
 #: What code outside a training run (and tests) uses: no fault at any point.
 NO_FAULTS = FaultHooks(None)
+
+
+class EpochFaults:
+    """:class:`FaultHooks` bound to one stage and epoch: what the training loop calls."""
+
+    def __init__(self, hooks: FaultHooks, stage: str, epoch: int):
+        self.hooks, self.stage, self.epoch = hooks, stage, epoch
+
+    def after_backward(self, module: torch.nn.Module, step_in_epoch: int) -> None:
+        self.hooks.after_backward(module, self.stage, self.epoch, step_in_epoch)
+
+    def after_step(self, step_in_epoch: int) -> None:
+        self.hooks.after_step(self.stage, self.epoch, step_in_epoch)
+
+    def after_first_eval_batch(self) -> None:
+        self.hooks.kill_point("eval", self.stage, self.epoch)
 
 
 class FullDisk:

@@ -5,7 +5,7 @@ to the tasks by the batch script) and ``SIGTERM`` when it cancels or preempts a 
 must not do I/O or collectives (it runs between two bytecodes of whatever the process was doing),
 so it only records the signal. At the next step boundary every rank asks
 :meth:`Preemption.requested`, which all-reduces the flag so all ranks stop at the *same* step;
-the stage engine then writes a mid-epoch checkpoint and raises :class:`Preempted`.
+the stage runner then writes a mid-epoch checkpoint and raises :class:`Preempted`.
 
 - ``SIGUSR1``: checkpoint, then requeue the Slurm job (``scontrol requeue``, rank 0) so it resumes
   where it stopped; exit status 75 (``EX_TEMPFAIL``).

@@ -38,6 +38,17 @@ def code_version() -> dict[str, object]:
     return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
 
 
+def code_version_tag(version: dict[str, object]) -> str:
+    """The run's ``code_version`` tag: the commit (``-dirty`` with uncommitted changes), or the
+    installed package's version where the code does not run from its checkout."""
+    if version["git_sha"] is None:
+        try:
+            return f"binaryduo {metadata.version('binaryduo')} (installed)"
+        except metadata.PackageNotFoundError:
+            return "unknown"
+    return f"{version['git_sha']}{'-dirty' if version['git_dirty'] else ''}"
+
+
 def package_versions() -> dict[str, str | None]:
     versions = {}
     for name in PACKAGES:
