@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +258,40 @@ def tiny_recipe(tmp_path, fashion_mnist, tiny_recipe_text):
     path = tmp_path / "tiny.yaml"
     path.write_text(tiny_recipe_text.replace("DATA", str(fashion_mnist)))
     return path
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """A training run done once per session and read by several tests (a real process each
+    costs tens of seconds). Nothing else writes under ``root``: its MLflow store (``db``, the
+    default ./mlflow.db of the command's working directory) holds only this run."""
+    root: Path
+    recipe: Path
+    run: Path
+    db: Path
+    stdout: str
+
+
+def _shared_run(tmp_path_factory, fashion_mnist, name: str, *args) -> SharedRun:
+    root = tmp_path_factory.mktemp(name)
+    recipe = root / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE.replace("DATA", str(fashion_mnist)))
+    result = _run_binaryduo("train", recipe, "--output", "run", *args, cwd=root)
+    return SharedRun(root, recipe, root / "run", root / "mlflow.db", result.stdout)
+
+
+@pytest.fixture(scope="session")
+def tiny_straight_run(tmp_path_factory, fashion_mnist) -> SharedRun:
+    """The tiny recipe trained uninterrupted: the end-to-end test reads its record, the crash
+    tests compare resumed runs with its weights bit for bit."""
+    return _shared_run(tmp_path_factory, fashion_mnist, "tiny-straight")
+
+
+@pytest.fixture(scope="session")
+def tiny_zero1_bf16_smoke(tmp_path_factory, fashion_mnist) -> SharedRun:
+    """The tiny recipe with --smoke, ZeRO stage 1 and bf16 (on the CPU accelerator)."""
+    return _shared_run(tmp_path_factory, fashion_mnist, "tiny-z1-bf16", "--smoke",
+                       "--set", "deepspeed.zero_stage=1", "--set", "precision=bf16")
 
 
 @pytest.fixture(scope="session")

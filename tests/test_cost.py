@@ -1,4 +1,4 @@
-"""The paper's Mbit and FLOPs (method.md §5), reproduced to +-0.1 from the models as built."""
+"""The paper's Mbit and FLOPs (docs/method.md §5), reproduced to +-0.1 from the models as built."""
 import pytest
 
 from binaryduo import models

@@ -1,4 +1,4 @@
-"""Decoupling is exact (method.md §3): float64 logits equal, in eval and train mode, every model."""
+"""Decoupling is exact (docs/method.md §3): float64 logits equal, in eval and train mode, every model."""
 import copy
 
 import pytest

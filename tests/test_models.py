@@ -1,4 +1,4 @@
-"""Registry, layer order, full-precision layers and widths (method.md §2), over every model."""
+"""Registry, layer order, full-precision layers and widths (docs/method.md §2), over every model."""
 import pytest
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ def test_full_precision_layers_and_binary_weights(name, variant):
     assert levels == {"fp": set(), "bnn": {1}, "coupled": {2}, "decoupled": {1}}[variant]
 
 
-# (conv in, conv out, BN width) per layer, for the decoupled tables of method.md §2.
+# (conv in, conv out, BN width) per layer, for the decoupled tables of docs/method.md §2.
 VGG7_TABLE = {
     "bnn": [(3, 64, 64), (64, 64, 64), (64, 128, 128), (128, 128, 128), (128, 512, 512),
             (512, 512, 512)],

@@ -1,4 +1,4 @@
-"""Quantizer values at and around every threshold, STE gradients, weight scaling (method.md §1)."""
+"""Quantizer values at and around every threshold, STE gradients, weight scaling (docs/method.md §1)."""
 import math
 from fractions import Fraction
 

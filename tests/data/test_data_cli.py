@@ -1,4 +1,4 @@
-"""``data prepare`` / ``data check`` subcommands (trainer/commands_data.py), on real data."""
+"""``data prepare`` / ``data check`` subcommands (trainer/cli/data.py), on real data."""
 from __future__ import annotations
 
 import argparse

@@ -23,28 +23,30 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.slow
 
 FINAL = (("coupled", "epoch-0002"), ("finetune", "epoch-0001"))
+#: A run directory written by the code before issue 12's restructure (its README says how).
+LEGACY_RUN = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_run_ca633a7"
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, fashion_mnist, tiny_recipe_text, run_binaryduo):
-    """The uninterrupted run, and the recipe file every test reuses."""
+def reference(tmp_path_factory, fashion_mnist, tiny_recipe_text, tiny_straight_run):
+    """The recipe file every test reuses (its folder holds their runs and MLflow store), and
+    the uninterrupted run (shared with the end-to-end test: tests/conftest.py)."""
     root = tmp_path_factory.mktemp("reference")
     recipe = root / "tiny.yaml"
     recipe.write_text(tiny_recipe_text.replace("DATA", str(fashion_mnist)))
-    run_binaryduo("train", recipe, "--output", "straight", cwd=root)
-    return recipe, root / "straight"
+    return recipe, tiny_straight_run.run
 
 
 @pytest.fixture(scope="module")
 def killed_after_coupled(reference, run_binaryduo):
     """A run killed (SIGKILL) right after the coupled stage's last checkpoint; tests damage
     copies of it."""
-    recipe, straight = reference
-    killed = run_binaryduo("train", recipe, "--output", "killed", cwd=straight.parent,
+    recipe, _ = reference
+    killed = run_binaryduo("train", recipe, "--output", "killed", cwd=recipe.parent,
                            check=False, env={"BINARYDUO_FAULT": "kill:after_checkpoint:coupled:2"})
     assert killed.returncode == -9
-    assert not (straight.parent / "killed" / "checkpoints" / "finetune").exists()
-    return straight.parent / "killed"
+    assert not (recipe.parent / "killed" / "checkpoints" / "finetune").exists()
+    return recipe.parent / "killed"
 
 
 def copy_of(run: Path, name: str) -> Path:
@@ -106,7 +108,7 @@ def parent_status(db: Path, run: Path) -> str:
 
 def test_kill_9_at_every_point_then_resume_is_bitwise_identical(reference, run_binaryduo):
     recipe, straight = reference
-    root = straight.parent
+    root = recipe.parent
     seed = int(os.environ.get("BINARYDUO_TEST_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     print(f"random kill steps from seed {seed} (rerun with BINARYDUO_TEST_SEED={seed})")
@@ -169,7 +171,7 @@ def test_corrupt_bytes_are_caught_by_the_checksum(reference, killed_after_couple
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(reference, run_binaryduo):
     recipe, straight = reference
-    root = straight.parent
+    root = recipe.parent
     error = stops_with_one_line(run_binaryduo, recipe, "full", "disk_full:coupled:2")
     assert "checkpoint epoch-0002 of stage 'coupled' could not be written" in error
     assert "No space left on device" in error
@@ -185,7 +187,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(reference, 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, run_binaryduo):
     recipe, straight = reference
-    root = straight.parent
+    root = recipe.parent
     error = stops_with_one_line(run_binaryduo, recipe, "nan", "nan:coupled:2:5")
     # poisoned after step 5's backward pass: step 6's loss is the first non-finite one
     assert "stage 'coupled' epoch 2: training loss is nan at step 6 of the epoch" in error
@@ -215,8 +217,8 @@ class _Payload:
 
 def test_a_checkpoint_that_would_run_code_is_refused(reference, killed_after_coupled,
                                                      run_binaryduo, tmp_path):
-    recipe, straight = reference
-    root = straight.parent
+    recipe, _ = reference
+    root = recipe.parent
     marker = tmp_path / "code-ran"
     run = copy_of(killed_after_coupled, "evil")
     tag = run / "checkpoints" / "coupled" / "epoch-0002"
@@ -244,13 +246,15 @@ def test_a_checkpoint_that_would_run_code_is_refused(reference, killed_after_cou
     assert not marker.exists()
 
 
-def test_zero1_bf16_checkpoint_resumes_through_the_safe_loader(reference, run_binaryduo):
+def test_zero1_bf16_checkpoint_resumes_through_the_safe_loader(reference, tiny_zero1_bf16_smoke,
+                                                              run_binaryduo):
     """ZeRO-1 optimizer states hold a few DeepSpeed data classes; the weights-only pre-check
-    allows exactly those, and the resumed run equals the uninterrupted one."""
-    recipe, straight = reference
-    root = straight.parent
+    allows exactly those, and the resumed run equals the uninterrupted one (shared with the
+    end-to-end test's bf16 + ZeRO-1 smoke: tests/conftest.py)."""
+    recipe, _ = reference
+    root = recipe.parent
     flags = ("--smoke", "--set", "deepspeed.zero_stage=1", "--set", "precision=bf16")
-    run_binaryduo("train", recipe, "--output", "z1-straight", *flags, cwd=root)
+    straight = tiny_zero1_bf16_smoke.run
     killed = run_binaryduo("train", recipe, "--output", "z1", *flags, cwd=root, check=False,
                            env={"BINARYDUO_FAULT": "kill:after_checkpoint:coupled:1"})
     assert killed.returncode == -9
@@ -260,6 +264,29 @@ def test_zero1_bf16_checkpoint_resumes_through_the_safe_loader(reference, run_bi
     for stage in ("coupled", "finetune"):
         a = torch.load(root / "z1" / "checkpoints" / stage / "epoch-0001" / "model_state.pt",
                        weights_only=True)
-        b = torch.load(root / "z1-straight" / "checkpoints" / stage / "epoch-0001" /
-                       "model_state.pt", weights_only=True)
+        b = torch.load(straight / "checkpoints" / stage / "epoch-0001" / "model_state.pt",
+                       weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in b), stage
+
+
+def test_a_run_written_before_the_restructure_resumes_bitwise(reference, fashion_mnist,
+                                                               run_binaryduo, tmp_path):
+    """A checkpoint of commit ca633a7 (killed after the coupled stage's epoch 1, offline) is
+    resumed by the current code: same recipe hash, the old checkpoint loaded (not retrained),
+    and the same final weights as the uninterrupted run of the current code."""
+    _, straight = reference
+    work = Path(shutil.copytree(LEGACY_RUN, tmp_path / "legacy"))
+    (work / "fashion-mnist").symlink_to(fashion_mnist)  # the recipe's relative data.root
+    epoch1 = work / "run" / "checkpoints" / "coupled" / "epoch-0001"
+    files_before = {p.name: p.stat().st_ino for p in epoch1.iterdir()}
+    state_before = json.loads((work / "run" / "run_state.json").read_text())
+    resumed = run_binaryduo("train", "tiny.yaml", "--resume", "run", "--offline", cwd=work)
+    assert "[coupled] epoch 2/2" in resumed.stdout
+    assert "[coupled] epoch 1/2" not in resumed.stdout  # epoch 1 came from the old checkpoint
+    assert {p.name: p.stat().st_ino for p in epoch1.iterdir()} == files_before  # not rewritten
+    state = json.loads((work / "run" / "run_state.json").read_text())
+    assert state["recipe_hash"] == state_before["recipe_hash"]  # the move changed no recipe key
+    assert state["parent_run_id"] == state_before["parent_run_id"]
+    assert state["stage_run_ids"]["coupled"] == state_before["stage_run_ids"]["coupled"]
+    assert state["completed"] == ["coupled", "finetune"]
+    assert_bitwise_equal(work / "run", straight)

@@ -1,3 +1,4 @@
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,3 +77,27 @@ def smoke_store(tmp_path_factory, request, run_binaryduo):
 
     run.root, run.uri, run.created = root, uri, time.time()
     return run
+
+
+def assert_smoke_stage_computes(metrics: dict, *, num_classes: int, val_images: int) -> None:
+    """What a --smoke stage (2 training steps, one evaluation batch) can show. Two steps cannot
+    show learning (the tiny full runs do: test_train_end_to_end, test_launchers, the crash
+    tests); they can show a network that computes. Near initialisation the mean cross-entropy
+    is about ln(num_classes): measured on every shipped recipe, 1.96-2.37 for 10 classes
+    (ln 10 = 2.30) and 6.68-7.32 for 1000 (ln 1000 = 6.91). A loss outside half to one and a
+    half times that fails (exploding activations, inputs not normalised, a broken loss, labels
+    leaking into the input), and so does an evaluation that does not count whole images
+    (top-1 is k / val_images) or ranks top-5 below top-1."""
+    chance_loss = math.log(num_classes)
+    for key in ("train_loss", "val_loss"):
+        assert math.isfinite(metrics[key]), (key, metrics)
+        assert 0.5 * chance_loss < metrics[key] < 1.5 * chance_loss, (key, metrics)
+    assert 0.0 <= metrics["val_top1"] <= metrics["val_top5"] <= 100.0, metrics
+    correct = metrics["val_top1"] * val_images / 100
+    assert abs(correct - round(correct)) < 1e-6, (metrics["val_top1"], val_images)
+
+
+@pytest.fixture(scope="session")
+def smoke_stage_computes():
+    """:func:`assert_smoke_stage_computes`, for the CPU and GPU smoke tests."""
+    return assert_smoke_stage_computes

@@ -197,7 +197,7 @@ def test_demo_table_reads_through_compare(store, tmp_path):
 
 
 def test_latest_running_runs_and_dataset_names(tmp_path, compare):
-    """A store written through the trainer's own Tracker (the calls stages.py makes): two runs of
+    """A store written through the trainer's own Tracker (the calls the stage runner makes): two runs of
     one recipe, the second still running after 2 of 5 epochs. --latest keeps the newer one; the
     row says epochs 2/5 and that it is running."""
     import time

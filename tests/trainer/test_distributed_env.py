@@ -15,6 +15,10 @@ def test_first_host_of_a_slurm_node_list(nodelist, first):
     assert distributed.first_host(nodelist) == first
 
 
+#: The process environment itself, bound before any test replaces ``os.environ``.
+REAL_ENVIRON = os.environ
+
+
 @pytest.fixture
 def environ(monkeypatch):
     """A private os.environ: what the function sets must not leak into later subprocesses."""
@@ -35,10 +39,14 @@ def test_slurm_tasks_become_ranks_with_master_on_the_first_node(environ):
 def test_launcher_variables_win_over_slurm(environ):
     environ.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="10.0.0.1",
                    MASTER_PORT="29500", SLURM_PROCID="3", SLURM_NTASKS="4")
+    before = dict(REAL_ENVIRON)
     distributed._fill_rendezvous_environment()
     assert (environ["RANK"], environ["MASTER_ADDR"], environ["MASTER_PORT"]) == \
         ("0", "10.0.0.1", "29500")
-    assert "RANK" not in os.environ or os.environ["RANK"] != "3"
+    assert (environ["WORLD_SIZE"], environ["LOCAL_RANK"]) == ("2", "0")
+    # it wrote to os.environ as looked up at call time (the private mapping), not to a
+    # reference to the real environment taken at import
+    assert environ is not REAL_ENVIRON and dict(REAL_ENVIRON) == before
 
 
 def test_signals_only_set_a_flag_and_usr1_means_requeue():

@@ -34,7 +34,8 @@ GPU_RECIPES = {
 
 
 @pytest.mark.parametrize("recipe", list(GPU_RECIPES), ids=str)
-def test_recipe_trains_on_the_gpu_with_nccl_and_bf16(recipe, tmp_path, request):
+def test_recipe_trains_on_the_gpu_with_nccl_and_bf16(recipe, tmp_path, request,
+                                                     smoke_stage_computes):
     from mlflow.tracking import MlflowClient
 
     fixture, variable, sets = GPU_RECIPES[recipe]
@@ -64,6 +65,10 @@ def test_recipe_trains_on_the_gpu_with_nccl_and_bf16(recipe, tmp_path, request):
         assert math.isfinite(metrics["train_loss"]), stage.data.tags["stage"]
         assert 0.0 <= metrics["val_top1"] <= 100.0
         assert metrics["images_per_second"] > 0
+        # the same bounds as the CPU smoke (tests/trainer/conftest.py), in bf16
+        smoke_stage_computes(metrics,
+                             num_classes=int(parent.data.params["model.options.num_classes"]),
+                             val_images=int(parent.data.params["data.batch_size"]))
     finetune = [s for s in stages if "decouple_max_abs_dlogit_f64" in s.data.metrics]
     assert finetune, "the decouple transition ran"
     for stage in finetune:  # decoupling is checked in float64, whatever the training precision

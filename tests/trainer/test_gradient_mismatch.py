@@ -1,4 +1,4 @@
-"""Gradient-mismatch estimator (trainer/mismatch.py) and ``binaryduo analyze gradient-mismatch``."""
+"""Gradient-mismatch estimator (trainer/analysis/mismatch.py) and ``binaryduo analyze gradient-mismatch``."""
 import json
 import math
 

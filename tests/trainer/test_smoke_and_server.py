@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=str)
-def test_smoke_every_recipe(recipe, smoke_store):
+def test_smoke_every_recipe(recipe, smoke_store, smoke_stage_computes):
     """Every shipped recipe runs end to end (--smoke) on a tiny dataset in its own format."""
     import yaml
 
@@ -44,6 +44,10 @@ def test_smoke_every_recipe(recipe, smoke_store):
     for stage in stages:
         assert 0.0 <= stage.data.metrics["val_top1"] <= 100.0
         assert stage.data.metrics["mbit"] > 0
+        # --smoke evaluates one batch: data.batch_size images (1 rank)
+        smoke_stage_computes(stage.data.metrics,
+                             num_classes=shipped["model"]["options"]["num_classes"],
+                             val_images=int(parent.data.params["data.batch_size"]))
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 pipeline, a DeepSpeed engine, checkpoints, and an MLflow sqlite record. Crashes and resume
 equivalence: tests/reliability/test_crash_and_resume.py."""
 import json
+import math
+import shutil
 
 import pytest
 import torch
@@ -19,18 +21,19 @@ def _records(db):
     return client, parents, children
 
 
-def test_two_stage_recipe_end_to_end(tmp_path, tiny_recipe, run_binaryduo):
-    result = run_binaryduo("train", tiny_recipe, "--output", "run", cwd=tmp_path)
-    assert "[coupled] epoch 2/2" in result.stdout and "[finetune] epoch 1/1" in result.stdout
+def test_two_stage_recipe_end_to_end(tiny_straight_run):
+    """The tiny recipe run once for the session (tests/conftest.py), uninterrupted."""
+    assert "[coupled] epoch 2/2" in tiny_straight_run.stdout
+    assert "[finetune] epoch 1/1" in tiny_straight_run.stdout
 
-    run = tmp_path / "run"
+    run = tiny_straight_run.run
     resolved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
     assert resolved["stages"][1]["transition"] == "decouple"
     provenance = json.loads((run / "provenance.json").read_text())
     assert provenance["packages"]["torch"] == torch.__version__.split("+")[0]
     assert "git_sha" in provenance["code"]
 
-    client, parents, children = _records(tmp_path / "mlflow.db")
+    client, parents, children = _records(tiny_straight_run.db)
     assert len(parents) == 1 and set(children) == {"coupled", "finetune"}
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children.values())
@@ -41,7 +44,16 @@ def test_two_stage_recipe_end_to_end(tmp_path, tiny_recipe, run_binaryduo):
     coupled, finetune = children["coupled"], children["finetune"]
     history = client.get_metric_history(coupled.info.run_id, "val_top1")
     assert [m.step for m in history] == [1, 2]
-    assert 30 < history[-1].value <= 100  # it learns: chance is 10 %, 32 steps on 1024 images
+    # It learns. Binary activations flip on float differences between CPUs, so the trajectory
+    # (not the code path) varies by machine: after these 32 steps on 1024 images val top-1 was
+    # 27.7 % here (19.8 % after epoch 1) and over 30 % on another machine; chance is 10 %
+    # (+-3 points on 101 images). A run that does not learn (weights not updated, shuffled
+    # labels) stays at chance and at a loss of ln 10 = 2.303 (here: train 2.243 -> 1.988,
+    # val 2.269 -> 2.074).
+    assert 20 < history[-1].value <= 100
+    for key in ("train_loss", "val_loss"):
+        losses = [m.value for m in client.get_metric_history(coupled.info.run_id, key)]
+        assert losses[1] < losses[0] and losses[1] < math.log(10), (key, losses)
     lrs = {m.step: m.value for m in client.get_metric_history(coupled.info.run_id, "lr")}
     assert lrs[1] == pytest.approx(0.05) and lrs[2] == pytest.approx(0.005)  # milestone 2
     for key in ("train_loss", "val_top5", "images_per_second", "data_wait_fraction"):
@@ -69,20 +81,21 @@ def test_two_stage_recipe_end_to_end(tmp_path, tiny_recipe, run_binaryduo):
     assert state["features.conv2.bn.weight"].shape[0] == 2 * state["features.conv2.conv.weight"].shape[0]
 
 
-def test_resume_refuses_a_changed_recipe(tmp_path, tiny_recipe, run_binaryduo):
-    run_binaryduo("train", tiny_recipe, "--output", "run", "--smoke", cwd=tmp_path)
-    other = run_binaryduo("train", tiny_recipe, "--resume", "run", "--smoke", "--set", "seed=8",
+def test_resume_refuses_a_changed_recipe(tmp_path, tiny_zero1_bf16_smoke, run_binaryduo):
+    shared = tiny_zero1_bf16_smoke  # a copy of it, resumed with the same flags but the seed
+    shutil.copytree(shared.run, tmp_path / "run", symlinks=True)
+    other = run_binaryduo("train", shared.recipe, "--resume", "run", "--smoke", "--set",
+                          "deepspeed.zero_stage=1", "--set", "precision=bf16", "--set", "seed=8",
                           cwd=tmp_path, check=False)
     assert other.returncode == 1
     assert "holds a run of a different recipe" in other.stderr
 
 
-def test_bf16_and_zero1_smoke(tmp_path, tiny_recipe, run_binaryduo):
-    """bf16 (BN buffers cast after initialize) and ZeRO stage 1 run on the CPU accelerator."""
-    result = run_binaryduo("train", tiny_recipe, "--smoke", "--output", "run", "--set",
-                           "precision=bf16", "--set", "deepspeed.zero_stage=1", cwd=tmp_path)
-    assert "[finetune] epoch 1/1" in result.stdout
-    client, parents, children = _records(tmp_path / "mlflow.db")
+def test_bf16_and_zero1_smoke(tiny_zero1_bf16_smoke):
+    """bf16 (BN buffers cast after initialize) and ZeRO stage 1 run on the CPU accelerator
+    (the run is shared with the crash tests' ZeRO-1 resume check)."""
+    assert "[finetune] epoch 1/1" in tiny_zero1_bf16_smoke.stdout
+    client, parents, children = _records(tiny_zero1_bf16_smoke.db)
     assert parents[0].data.params["precision"] == "bf16"
     assert children["finetune"].data.metrics["decouple_max_abs_dlogit_f64"] <= 1e-9
 
