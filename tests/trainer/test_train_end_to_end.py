@@ -84,11 +84,14 @@ def test_two_stage_recipe_end_to_end(tiny_straight_run):
 def test_resume_refuses_a_changed_recipe(tmp_path, tiny_zero1_bf16_smoke, run_binaryduo):
     shared = tiny_zero1_bf16_smoke  # a copy of it, resumed with the same flags but the seed
     shutil.copytree(shared.run, tmp_path / "run", symlinks=True)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     other = run_binaryduo("train", shared.recipe, "--resume", "run", "--smoke", "--set",
                           "deepspeed.zero_stage=1", "--set", "precision=bf16", "--set", "seed=8",
                           cwd=tmp_path, check=False)
     assert other.returncode == 1
     assert "holds a run of a different recipe" in other.stderr
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before  # nothing of the run it refused was rewritten (provenance included)
 
 
 def test_bf16_and_zero1_smoke(tiny_zero1_bf16_smoke):

@@ -11,6 +11,8 @@ import sys
 
 import yaml
 
+from binaryduo.trainer.runtime.console import stderr_line
+
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 1
 
@@ -22,7 +24,7 @@ class UsageError(Exception):
 def print_problems(problems: list[str]) -> int:
     """Several problems (e.g. a recipe's), one ``binaryduo: error:`` line each; exit status 2."""
     for problem in problems:
-        print(f"binaryduo: error: {problem}", file=sys.stderr)
+        stderr_line(f"binaryduo: error: {problem}")
     return EXIT_USAGE
 
 
@@ -31,7 +33,7 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ``binaryduo: error: ...`` line, exit status 2 (instead of a usage block)."""
 
     def error(message: str):
-        print(f"binaryduo: error: {parser.prog}: {message}", file=sys.stderr)
+        stderr_line(f"binaryduo: error: {parser.prog}: {message}")
         sys.exit(EXIT_USAGE)
     parser.error = error
     return parser

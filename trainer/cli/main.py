@@ -13,8 +13,9 @@ from binaryduo import models
 
 from binaryduo.trainer.analysis.model_report import (cost_summary_table, decoupling_table,
                                                      verify_decoupling)
-from binaryduo.trainer.cli.errors import (EXIT_CHECK_FAILED, EXIT_USAGE, UsageError, parse_model_options,
-                                          print_problems)
+from binaryduo.trainer.cli.errors import (EXIT_CHECK_FAILED, EXIT_USAGE, UsageError,
+                                          parse_model_options, print_problems)
+from binaryduo.trainer.runtime.console import stderr_line
 
 def _check_model_args(names: list[str], variants: list[str], options: dict) -> None:
     """Resolves every requested config up front so bad input fails before any model is built."""
@@ -93,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from binaryduo.trainer.run.train import train
     from binaryduo.trainer.run.checkpoint import (CheckpointCorruptError, CheckpointWriteError,
                                                   UntrustedCheckpointError)
+    from binaryduo.trainer.run.state import DifferentRecipeError
     from binaryduo.trainer.run.transitions import StageTransitionError
     from binaryduo.trainer.tracking.tracker import TrackingError, TrackingUnavailable
 
@@ -103,15 +105,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrackingUnavailable as error:  # pre-flight: before any compute or output
         raise UsageError(str(error)) from None
     except TrackingError as error:
-        print(f"binaryduo: run stopped: {error}", file=sys.stderr)
+        stderr_line(f"binaryduo: run stopped: {error}")
         return EXIT_CHECK_FAILED
     except RecipeError as error:
         return print_problems(error.problems)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
-    except (StageTransitionError, FloatingPointError, CheckpointWriteError,
+    except (StageTransitionError, DifferentRecipeError, FloatingPointError, CheckpointWriteError,
             CheckpointCorruptError, UntrustedCheckpointError) as error:
-        print(f"binaryduo: run stopped: {error}", file=sys.stderr)
+        stderr_line(f"binaryduo: run stopped: {error}")
         return EXIT_CHECK_FAILED
 
 
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UsageError as error:
-        print(f"binaryduo: error: {error}", file=sys.stderr)
+        stderr_line(f"binaryduo: error: {error}")
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         sys.stderr.close()

@@ -34,11 +34,9 @@ from binaryduo.trainer.run.progress import progress_bar, summary_line
 from binaryduo.trainer.run.schedules import learning_rate
 from binaryduo.trainer.run.state import (ResumePoint, RunState, StageResult, rng_states,
                                          set_rng_states, stage_seed)
-from binaryduo.trainer.run.transitions import (StageTransitionError, build_stage_model,
-                                               initial_weights)
+from binaryduo.trainer.run.transitions import build_stage_model, initial_weights
 from binaryduo.trainer.runtime.distributed import (DistributedContext, all_gather_objects, any_rank,
-                                                   assert_replicas_agree, broadcast_object,
-                                                   on_main_then_broadcast,
+                                                   assert_replicas_agree, on_main_then_broadcast,
                                                    sync_batchnorm_statistics)
 from binaryduo.trainer.runtime.faults import FaultHooks
 from binaryduo.trainer.runtime.preemption import Preempted
@@ -94,12 +92,12 @@ class StageRunner:
 
     def __init__(self, recipe: Recipe, *, ctx: DistributedContext, output_dir: Path,
                  tracker: Tracker, loaders, dtype: torch.dtype, tags: dict[str, str],
-                 recipe_hash: str, preemption=None):
+                 recipe_hash: str, state: RunState, preemption=None):
         self.recipe, self.ctx, self.output_dir = recipe, ctx, output_dir
         self.tracker, self.loaders, self.dtype, self.tags = tracker, loaders, dtype, tags
         self.recipe_hash, self.preemption = recipe_hash, preemption
         self.faults = FaultHooks.from_environment(ctx.rank)
-        self.state = RunState()
+        self.state = state  # run_state.json as found (train.py checked it names this recipe)
 
     # -- the method -------------------------------------------------------------------------------
     def run(self) -> list[StageResult]:
@@ -265,13 +263,7 @@ class StageRunner:
     def open_record(self) -> None:
         """The parent run (a new one, or the one a resumed run started) with the recipe's
         parameters, resolved recipe and provenance."""
-        ctx, tracker = self.ctx, self.tracker
-        state = broadcast_object(RunState.load(self.output_dir) if ctx.is_main else None)
-        if state.recipe_hash not in (None, self.recipe_hash):
-            raise StageTransitionError(
-                f"{self.output_dir} holds a run of a different recipe (hash {state.recipe_hash}, "
-                f"this one {self.recipe_hash}); resume it with the same recipe and overrides, or "
-                f"use a new --output")
+        ctx, tracker, state = self.ctx, self.tracker, self.state
         state.recipe_hash = self.recipe_hash
         state.parent_run_id = tracker.start_run(self.recipe.name, tags=self.tags,
                                                 run_id=state.parent_run_id)
@@ -279,7 +271,6 @@ class StageRunner:
             tracker.log_params(state.parent_run_id, flatten(self.recipe.model_dump(mode="json")))
             tracker.log_artifact(state.parent_run_id, self.output_dir / "recipe.resolved.yaml")
             tracker.log_artifact(state.parent_run_id, self.output_dir / "provenance.json")
-        self.state = state
         if ctx.is_main:
             state.save(self.output_dir)
 

@@ -21,6 +21,10 @@ from binaryduo.trainer.run.loop import EpochProgress
 RUN_STATE = "run_state.json"
 
 
+class DifferentRecipeError(RuntimeError):
+    """``--resume`` of a run directory with another recipe (or other overrides)."""
+
+
 @dataclass
 class RunState:
     """What a resume needs besides checkpoints: MLflow run ids and finished stages."""
@@ -37,6 +41,14 @@ class RunState:
 
     def save(self, directory: Path) -> None:
         atomic_write_text(directory / RUN_STATE, json.dumps(self.__dict__, indent=2))
+
+    def require_recipe(self, directory: Path, recipe_hash: str) -> None:
+        """A run directory continues only the recipe that started it (same hash)."""
+        if self.recipe_hash not in (None, recipe_hash):
+            raise DifferentRecipeError(
+                f"{directory} holds a run of a different recipe (hash {self.recipe_hash}, this one "
+                f"{recipe_hash}); resume it with the same recipe and overrides, or use a new "
+                f"--output")
 
 
 @dataclass(frozen=True)

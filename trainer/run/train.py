@@ -8,9 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from binaryduo.trainer.run.checkpoint import atomic_write_text
-from binaryduo.trainer.runtime.preemption import EXIT_PREEMPTED, Preempted, Preemption, requeue_slurm_job
 from binaryduo.trainer.recipe import Recipe, load_recipe
+from binaryduo.trainer.run.checkpoint import atomic_write_text
+from binaryduo.trainer.runtime.console import stderr_line
+from binaryduo.trainer.runtime.preemption import (EXIT_PREEMPTED, Preempted, Preemption,
+                                                  requeue_slurm_job)
 from binaryduo.trainer.tracking.server import check_tracking_server, resolve_tracking_uri
 from binaryduo.trainer.tracking.tracker import Tracker
 
@@ -68,6 +70,7 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
     import torch
 
     from binaryduo.trainer.run.runner import run_recipe
+    from binaryduo.trainer.run.state import RunState
     from binaryduo.trainer.runtime.distributed import broadcast_object, init_distributed, teardown
     from binaryduo.trainer.run.deepspeed_engine import resolve_dtype
     from binaryduo.trainer.run.feed import DataFeed, check_data
@@ -86,6 +89,9 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
             f"runs/{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}" if ctx.is_main else None))
         resolved = recipe.model_dump(mode="json")
         digest = recipe_hash(resolved)
+        # a resumed directory must hold this recipe: refused before anything in it is rewritten
+        state = broadcast_object(RunState.load(output_dir) if ctx.is_main else None)
+        state.require_recipe(output_dir, digest)
         version = code_version()
         dtype = resolve_dtype(recipe.precision, ctx.device)
         # what `auto` resolved to on this machine, so runs from CPU and GPU compare honestly
@@ -111,12 +117,12 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
         try:
             results = run_recipe(recipe, ctx=ctx, output_dir=output_dir, tracker=tracker,
                                  loaders=feed, dtype=dtype, tags=tags, recipe_hash=digest,
-                                 preemption=preemption)
+                                 state=state, preemption=preemption)
         except Preempted as stop:
             if ctx.is_main:
                 action = requeue_slurm_job() if stop.requeue else (
                     f"resume with: binaryduo train {recipe_path} --resume {output_dir}")
-                print(f"binaryduo: preempted: {stop}; {action}", file=sys.stderr, flush=True)
+                stderr_line(f"binaryduo: preempted: {stop}; {action}")
             tracker.close()
             clean = True
             return EXIT_PREEMPTED
@@ -138,8 +144,8 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
         return 0
     except BaseException as error:
         if ctx.world_size > 1:  # say which rank failed; the launcher's log interleaves them
-            print(f"binaryduo: rank {ctx.rank}/{ctx.world_size} failed: "
-                  f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            stderr_line(f"binaryduo: rank {ctx.rank}/{ctx.world_size} failed: "
+                        f"{type(error).__name__}: {error}")
         raise
     finally:
         teardown(clean)
