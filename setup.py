@@ -44,6 +44,6 @@ setup(
     package_data={"binaryduo.slurm": ["*.sbatch", "README.md"],
                   "binaryduo.recipes": ["*/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.6"]},
     entry_points={"console_scripts": ["binaryduo = binaryduo.trainer.cli.main:main"]},
 )

@@ -301,7 +301,9 @@ def run_binaryduo():
 
 
 def _run_binaryduo(*args, cwd, env=None, timeout=600, check=True):
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
+    # one OpenMP thread, as `make test` runs: seeded results depend on the thread count, and the
+    # committed fixtures (tests/fixtures/) were written so
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run([str(BIN), *map(str, args)], cwd=cwd, env=full_env, text=True,
                             capture_output=True, timeout=timeout)
@@ -309,3 +311,37 @@ def _run_binaryduo(*args, cwd, env=None, timeout=600, check=True):
         raise AssertionError(f"binaryduo {' '.join(map(str, args))} exited {result.returncode}\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+# -- running on two workers (make test: pytest-xdist, --dist loadgroup) ----------------------------
+REPO = Path(__file__).resolve().parents[1]
+#: Modules whose tests share a session-scoped run across modules: one xdist group, one worker.
+SHARED_RUN_GROUPS = {
+    "tests/trainer/test_train_end_to_end.py": "tiny-runs",
+    "tests/reliability/test_crash_and_resume.py": "tiny-runs",
+}
+#: Independent real runs, spread one by one over the workers.
+SPREAD_TESTS = {"test_smoke_every_recipe"}
+#: The longest groups (minutes each, measured), started first and on alternate workers so that
+#: both workers finish together; the rest keeps its collection order.
+LONGEST_FIRST = ["tiny-runs", "tests/trainer/test_launchers.py",
+                 "tests/reliability/test_tracking_faults.py", "tests/slurm/test_slurm_cluster.py",
+                 "tests/trainer/test_compare.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test module is one xdist group, so its module-scoped fixtures (a launcher run, a
+    Slurm cluster, an MLflow store) are built once, on one worker; the recipe smokes are spread.
+    Without xdist the markers do nothing and only the order changes (modules stay whole)."""
+    def group(item) -> str | None:
+        if item.originalname in SPREAD_TESTS:
+            return None
+        module = Path(item.path).relative_to(REPO).as_posix()
+        return SHARED_RUN_GROUPS.get(module, module)
+
+    for item in items:
+        name = group(item)
+        if name is not None:
+            item.add_marker(pytest.mark.xdist_group(name))
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(LONGEST_FIRST)))
