@@ -88,7 +88,7 @@ def resolve_checkpoint(path_text: str, stage: str | None) -> tuple[Path, dict | 
         model_file = path
     else:
         raise UsageError(f"--checkpoint {path_text}: not a run directory, a stage or epoch "
-                           f"checkpoint directory, or a {MODEL_FILE} file")
+                         f"checkpoint directory, or a {MODEL_FILE} file")
     run_dir = _find_run_dir(model_file.parent)
     if run_dir is None:
         return model_file, None, None
@@ -143,7 +143,7 @@ def _validate(args: argparse.Namespace):
     for ste in stes:
         if ste not in report.STE_NAMES:
             raise UsageError(f"--stes: unknown STE shape {ste!r}; expected one of "
-                               f"{', '.join(report.STE_NAMES)}")
+                             f"{', '.join(report.STE_NAMES)}")
     if not stes and any(a.quantized for a in activations):
         raise UsageError("--stes: give at least one STE shape for the quantized activations")
     if args.batch < 2:
@@ -181,8 +181,8 @@ def _load_state(source: ModelSource):
         return load_model_state(source.weights)
     except Exception as error:  # unpickling refused, truncated file, not a torch file
         raise UsageError(f"--checkpoint {source.weights}: cannot be read as a model state "
-                           f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-                           ) from None
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                         ) from None
 
 
 def _fixed_batch(source: ModelSource, data_root: Path, args: argparse.Namespace, config):
@@ -201,7 +201,7 @@ def _fixed_batch(source: ModelSource, data_root: Path, args: argparse.Namespace,
         raise UsageError(f"--data {data_root}: {error}") from None
     if args.batch_index >= len(loader):
         raise UsageError(f"--batch-index {args.batch_index}: the validation split has "
-                           f"{len(loader)} batches of {args.batch}")
+                         f"{len(loader)} batches of {args.batch}")
     for index, (images, labels, valid) in enumerate(loader):
         if index == args.batch_index:
             keep = valid.bool()
@@ -229,8 +229,8 @@ def cmd_gradient_mismatch(args: argparse.Namespace) -> int:
         except RuntimeError as error:
             detail = [line.strip() for line in str(error).splitlines() if line.strip()]
             raise UsageError(f"--checkpoint {source.weights} does not fit {source.name} "
-                               f"({source.variant}, {source.options}): "
-                               f"{detail[-1][:200] if detail else error}") from None
+                             f"({source.variant}, {source.options}): "
+                             f"{detail[-1][:200] if detail else error}") from None
     state = {k: v.clone() for k, v in base.state_dict().items()}
     try:
         report.select_layers(mismatch.weight_layers(base), _split_list(args.layers or ""))
@@ -239,7 +239,7 @@ def cmd_gradient_mismatch(args: argparse.Namespace) -> int:
     images, labels = _fixed_batch(source, data_root, args, base.config)
     if int(labels.max()) >= base.config.num_classes:
         raise UsageError(f"--data {data_root}: labels reach {int(labels.max())}, the model has "
-                           f"{base.config.num_classes} classes")
+                         f"{base.config.num_classes} classes")
     images = images.to(dtype)
 
     def build(activation, ste):

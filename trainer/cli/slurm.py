@@ -97,9 +97,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if problems:
         return print_problems(problems)
     if recipe.data.batch_size % options.world_size:
-        return print_problems([f"data.batch_size {recipe.data.batch_size} does not split evenly over "
-                        f"{options.world_size} tasks ({options.nodes} node(s) x "
-                        f"{options.ntasks_per_node})"])
+        return print_problems([f"data.batch_size {recipe.data.batch_size} does not split evenly "
+                               f"over {options.world_size} tasks ({options.nodes} node(s) x "
+                               f"{options.ntasks_per_node})"])
 
     # 2. The run directory and the script.
     cwd = Path.cwd()
@@ -123,7 +123,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     if shutil.which("sbatch") is None:
         raise UsageError("sbatch not found on PATH (is this a Slurm login node?); "
-                           "--dry-run prints the script")
+                         "--dry-run prints the script")
 
     # 3. Record, then submit; a refused submission leaves the run directory as it was.
     frozen = frozen_recipe_text(resolved, source=str(args.recipe), overrides=args.set)
@@ -151,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     progress = run_progress(run_dir.resolve())
     if progress.job_id is None:
         raise UsageError(f"slurm status: {run_dir}: no Slurm job recorded (no "
-                           f"{SUBMISSION} or {ATTEMPTS_LOG})")
+                         f"{SUBMISSION} or {ATTEMPTS_LOG})")
     job = query_job(progress.job_id, attempts=progress.attempts)
     text, failed = format_status(progress, job)
     print(text)
