@@ -14,9 +14,9 @@ from typing import Callable
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
                  "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
                  "RESV_DEL_HOLD", "SPECIAL_EXIT"}
-#: The trainer's exit status after a preemption checkpoint: the number of
-#: ``binaryduo.trainer.runtime.preemption.EXIT_PREEMPTED``, repeated because this package imports
-#: nothing of the trainer.
+#: The exit status of a training task stopped on request with a checkpoint (EX_TEMPFAIL): the
+#: trainer exits with it (binaryduo.trainer.runtime.preemption imports it from here) and the job
+#: script and ``slurm status`` read it as "preempted, resumable".
 EXIT_PREEMPTED = 75
 
 

@@ -19,7 +19,8 @@ import signal
 import subprocess
 import sys
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; resumable
+from binaryduo.slurm.status import EXIT_PREEMPTED  # noqa: F401 - the trainer's exit status
+
 REQUEUE_SIGNAL = signal.SIGUSR1
 STOP_SIGNAL = signal.SIGTERM
 
