@@ -44,6 +44,8 @@ setup(
     package_data={"binaryduo.slurm": ["*.sbatch", "README.md"],
                   "binaryduo.recipes": ["*/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.6"]},
+    # pytest 9 keeps node ids in a field that pytest-xdist 3.8 (the newest) does not rename, so
+    # --dist loadgroup stops grouping (tests/conftest.py checks it)
+    extras_require={"test": ["pytest>=8,<9", "pytest-xdist>=3.6"]},
     entry_points={"console_scripts": ["binaryduo = binaryduo.trainer.cli.main:main"]},
 )

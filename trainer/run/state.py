@@ -87,6 +87,16 @@ def stage_seed(seed: int, stage_index: int, epoch: int) -> int:
     return (seed * 1_000_003 + stage_index * 10_007 + epoch) % (2**31 - 1)
 
 
+def model_seed(seed: int, stage_index: int, epoch: int, rank: int) -> int:
+    """Seed of this rank's model-side randomness (dropout) in one epoch of one stage.
+
+    Every rank draws its own masks (ranks seeded alike would repeat one mask on every rank, as
+    if the batch were ``world_size`` times smaller for dropout). Rank 0's seed is
+    :func:`stage_seed`'s, so a one-rank run draws what it always drew. Data order and
+    augmentation do not come from here: they are keyed per sample (``binaryduo.data``)."""
+    return (stage_seed(seed, stage_index, epoch) + rank * 7_919_003) % (2**31 - 1)
+
+
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
