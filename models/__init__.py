@@ -11,14 +11,15 @@ Pure PyTorch; usable in a notebook with nothing but torch installed::
 from . import alexnet, resnet, vgg7  # noqa: F401  (register the architectures)
 from .cost import CostReport, LayerCost, cost_report
 from .decoupling import DecouplingCheck, check_decoupling, decouple
-from .layers import (ActQuant, DecoupledBatchNorm2d, MeanOfCopies, QConv2d, Replicate,
-                     ZeroPadChannels, clip_latent_weights_, latent_clipped_parameters)
+from .layers import (ActQuant, DecoupledBatchNorm2d, Float32BatchNorm2d, MeanOfCopies, QConv2d,
+                     Replicate, ZeroPadChannels, clip_latent_weights_, latent_clipped_parameters)
 from .quantizers import STE, activation_ste_gradient, binarize_weight, quantize_activation
 from .registry import ModelConfig, build, build_from_config, describe, names, options, variants
 from .testing import randomize_batchnorm_
 
 __all__ = [
-    "ActQuant", "CostReport", "DecoupledBatchNorm2d", "DecouplingCheck", "LayerCost",
+    "ActQuant", "CostReport", "DecoupledBatchNorm2d", "DecouplingCheck", "Float32BatchNorm2d",
+    "LayerCost",
     "MeanOfCopies", "ModelConfig", "QConv2d", "Replicate", "STE", "ZeroPadChannels",
     "activation_ste_gradient", "binarize_weight", "build", "build_from_config",
     "check_decoupling", "clip_latent_weights_", "cost_report", "decouple", "describe",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import COPIES, ActQuant, DecoupledBatchNorm2d, QConv2d, Replicate
+from .layers import COPIES, ActQuant, DecoupledBatchNorm2d, Float32BatchNorm2d, QConv2d, Replicate
 from .registry import ModelConfig
 
 
@@ -70,7 +70,7 @@ class ChainNet(nn.Module):
                 parts["replicate"] = Replicate()
                 parts["bn"] = DecoupledBatchNorm2d(out_channels * COPIES)
             else:
-                parts["bn"] = nn.BatchNorm2d(out_channels)
+                parts["bn"] = Float32BatchNorm2d(out_channels)
             parts["act"] = make_activation(config) if feeds_quantized else nn.ReLU()
             if layer.dropout and dropout > 0:
                 parts["dropout"] = nn.Dropout(dropout)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import ActQuant, DecoupledBatchNorm2d, QConv2d
+from .layers import ActQuant, DecoupledBatchNorm2d, Float32BatchNorm2d, QConv2d
 from .registry import build_from_config
 
 
@@ -88,7 +88,7 @@ def decouple(coupled: nn.Module) -> nn.Module:
 
 def _compatible_types(module: nn.Module) -> tuple[type, ...]:
     if isinstance(module, DecoupledBatchNorm2d):
-        return (nn.BatchNorm2d,)
+        return (Float32BatchNorm2d,)
     return (type(module),)
 
 
@@ -117,8 +117,9 @@ class DecouplingCheck:
     (~1e-12). ``parameter_deviation`` ties that to the model being checked: the largest difference
     between its state and the float64 decoupling cast to its dtype (0 for a model just made by
     ``decouple``; decoupling a float32 model rounds beta -+ 1/4 to float32, the same rounding).
-    The ``native_*`` fields compare the two given models in their own dtype, where a pre-activation
-    within an ulp of a threshold can flip (``y - 1/4 >= 1/2`` versus ``2y >= 1/2``);
+    The ``native_*`` fields compare the two given models in their own dtype (or under autocast),
+    where a pre-activation within an ulp of a threshold can flip (``y - 1/4 >= 1/2`` versus
+    ``y >= 3/4``), and a bf16 convolution can round the same sum differently;
     ``native_activation_flips`` counts those activations out of ``activations_compared``.
     """
 
@@ -133,6 +134,11 @@ class DecouplingCheck:
     native_activation_flips: int
     activations_compared: int
 
+    @property
+    def native_flip_fraction(self) -> float:
+        """Flipped activations per compared activation, in the native comparison."""
+        return self.native_activation_flips / max(self.activations_compared, 1)
+
     def passed(self, tolerance: float = 1e-9) -> bool:
         return (self.max_abs_dlogit <= tolerance and self.changed_predictions == 0
                 and self.parameter_deviation == 0.0)
@@ -141,8 +147,10 @@ class DecouplingCheck:
         return dataclasses.asdict(self)
 
 
-def _run(model: nn.Module, batch: torch.Tensor, dtype: torch.dtype, train: bool):
-    """Forward pass of a copy of ``model`` in ``dtype``; returns logits and ternary/binary outputs."""
+def _run(model: nn.Module, batch: torch.Tensor, dtype: torch.dtype, train: bool,
+         autocast: torch.dtype | None = None):
+    """Forward pass of a copy of ``model`` in ``dtype`` (under ``autocast`` to that dtype if
+    given); returns logits and ternary/binary outputs."""
     clone = copy.deepcopy(model).to(dtype)
     clone.train(train)
     for module in clone.modules():
@@ -155,8 +163,9 @@ def _run(model: nn.Module, batch: torch.Tensor, dtype: torch.dtype, train: bool)
         if isinstance(module, ActQuant) and module.levels is not None]
     device = next(clone.parameters()).device
     try:
-        with torch.no_grad():
-            logits = clone(batch.to(device=device, dtype=dtype))
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                             enabled=autocast is not None):
+            logits = clone(batch.to(device=device, dtype=dtype)).to(dtype)
     finally:
         for hook in hooks:
             hook.remove()
@@ -180,10 +189,12 @@ def _parameter_deviation(reference: nn.Module, model: nn.Module) -> float:
 
 
 def check_decoupling(coupled: nn.Module, decoupled: nn.Module, batch: torch.Tensor,
-                     mode: str = "eval") -> DecouplingCheck:
+                     mode: str = "eval", autocast: torch.dtype | None = None) -> DecouplingCheck:
     """Verifies that ``decoupled`` is the exact binary equivalent of ``coupled`` on ``batch``.
 
     ``mode`` is ``"eval"`` (BN running statistics) or ``"train"`` (batch statistics, dropout off).
+    ``autocast`` (e.g. ``torch.bfloat16``): the ``native_*`` comparison runs both models under
+    autocast to that dtype, as mixed-precision training runs them (weights as they are).
     Neither model is modified.
     """
     if mode not in ("eval", "train"):
@@ -195,8 +206,8 @@ def check_decoupling(coupled: nn.Module, decoupled: nn.Module, batch: torch.Tens
     wide_c, _ = _run(wide_coupled, batch, torch.float64, train)
     wide_d, _ = _run(wide_reference, batch, torch.float64, train)
     native = next(coupled.parameters()).dtype
-    native_c, acts_c = _run(coupled, batch, native, train)
-    native_d, acts_d = _run(decoupled, batch, native, train)
+    native_c, acts_c = _run(coupled, batch, native, train, autocast)
+    native_d, acts_d = _run(decoupled, batch, native, train, autocast)
 
     flips = compared = 0
     for name, ternary in acts_c.items():
@@ -211,7 +222,8 @@ def check_decoupling(coupled: nn.Module, decoupled: nn.Module, batch: torch.Tens
         max_abs_dlogit=float((wide_c - wide_d).abs().max()),
         changed_predictions=int((wide_c.argmax(1) != wide_d.argmax(1)).sum()),
         parameter_deviation=deviation,
-        native_dtype=str(native).removeprefix("torch."),
+        native_dtype=str(native).removeprefix("torch.") + (
+            f" (autocast {str(autocast).removeprefix('torch.')})" if autocast else ""),
         native_max_abs_dlogit=float((native_c - native_d).abs().max()),
         native_changed_predictions=int((native_c.argmax(1) != native_d.argmax(1)).sum()),
         native_activation_flips=flips,

@@ -129,7 +129,27 @@ class ZeroPadChannels(nn.Module):
         return f"out_channels={self.out_channels}"
 
 
-class DecoupledBatchNorm2d(nn.BatchNorm2d):
+class Float32BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that normalises in float32 and returns float32, also under autocast.
+
+    Mixed precision (bf16 autocast) must not reach the pre-activations: the quantizer compares
+    them with 1/4, 3/4 (coupled) or 1/2 (decoupled, after BN's beta -+ 1/4), and rounding them to
+    bfloat16 first rounds ``y`` and ``y - 1/4`` on different grids (steps of 2^-8 below 3/4 but
+    2^-9 below 1/2), so the binary network would no longer fire where the ternary one does
+    (docs/method.md, "Precision"). In float32 they agree except within float32 round-off of a
+    threshold. Statistics stay float32 too: the parameters and buffers are never cast here.
+    A float32 (or float64: a float64 model) input outside autocast takes the plain path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = torch.promote_types(x.dtype, torch.float32)
+        if x.dtype == wide and not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.to(wide))
+
+
+class DecoupledBatchNorm2d(Float32BatchNorm2d):
     """BN over ``copies`` copies of C channels (2C features) in a decoupled network.
 
     ``shift`` is what decoupling adds to beta: copy i of the coupled beta gets

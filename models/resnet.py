@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .chain import make_activation
-from .layers import COPIES, DECOUPLE_SHIFT, DecoupledBatchNorm2d, MeanOfCopies, QConv2d, Replicate, \
-    ZeroPadChannels
+from .layers import (COPIES, DECOUPLE_SHIFT, DecoupledBatchNorm2d, Float32BatchNorm2d, MeanOfCopies,
+                     QConv2d, Replicate, ZeroPadChannels)
 from .registry import ModelConfig, register
 
 STAGE_BASELINE = (64, 128, 256, 512)
@@ -67,7 +67,7 @@ class ResidualUnit(nn.Module):
                 branch[f"rep{j}"] = Replicate()
                 branch[f"bn{j}"] = DecoupledBatchNorm2d(width * COPIES, shift=shift)
             else:
-                branch[f"bn{j}"] = nn.BatchNorm2d(width)
+                branch[f"bn{j}"] = Float32BatchNorm2d(width)
             in_channels = width
         self.branch = nn.Sequential(branch)
 
@@ -77,7 +77,7 @@ class ResidualUnit(nn.Module):
         if downsample:
             shortcut["pool"] = nn.AvgPool2d(2, 2)
             shortcut["conv"] = nn.Conv2d(unit.in_channels, out_channels, 1, bias=False)
-            shortcut["bn"] = nn.BatchNorm2d(out_channels)
+            shortcut["bn"] = Float32BatchNorm2d(out_channels)
             if decoupled and not unit.last:
                 shortcut["rep"] = Replicate()
         elif unit.in_channels != out_channels:
@@ -94,7 +94,7 @@ class ResNet(nn.Module):
         stem_width = config.width(STAGE_BASELINE[0], STAGE_COUPLED[0])
         stem: OrderedDict[str, nn.Module] = OrderedDict(
             conv=nn.Conv2d(config.in_channels, stem_width, 7, 2, 3, bias=False),
-            bn=nn.BatchNorm2d(stem_width),
+            bn=Float32BatchNorm2d(stem_width),
             relu=nn.ReLU(),
             pool=nn.MaxPool2d(3, 2, 1),
         )
@@ -102,7 +102,7 @@ class ResNet(nn.Module):
             stem["rep"] = Replicate()
             stem["stream_bn"] = DecoupledBatchNorm2d(stem_width * COPIES, shift=DECOUPLE_SHIFT)
         else:
-            stem["stream_bn"] = nn.BatchNorm2d(stem_width)
+            stem["stream_bn"] = Float32BatchNorm2d(stem_width)
         self.stem = nn.Sequential(stem)
 
         final_width = config.width(FINAL_WIDTH, FINAL_WIDTH)

@@ -322,11 +322,19 @@ SHARED_RUN_GROUPS = {
 }
 #: Independent real runs, spread one by one over the workers.
 SPREAD_TESTS = {"test_smoke_every_recipe"}
+#: ... except the smokes whose runs test_compare reads: on its worker, each run once.
+COMPARE_SMOKES = {("recipes/cifar10/vgg7_bnn.yaml", "bf16"),
+                  ("recipes/cifar10/vgg7_binaryduo.yaml", "bf16")}
 #: The longest groups (minutes each, measured), started first and on alternate workers so that
 #: both workers finish together; the rest keeps its collection order.
 LONGEST_FIRST = ["tiny-runs", "tests/trainer/test_launchers.py",
                  "tests/reliability/test_tracking_faults.py", "tests/slurm/test_slurm_cluster.py",
                  "tests/trainer/test_compare.py"]
+
+
+def pytest_configure(config):
+    # pytest-xdist registers this marker; without it (-p no:xdist) --strict-markers would refuse
+    config.addinivalue_line("markers", "xdist_group(name): run these tests on one xdist worker")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -341,7 +349,10 @@ def pytest_collection_modifyitems(config, items):
     over both workers and its module fixtures built twice: 13:50 instead of ~11 minutes."""
     def group(item) -> str | None:
         if item.originalname in SPREAD_TESTS:
-            return None
+            params = getattr(item, "callspec", None)
+            key = (str(params.params.get("recipe")), params.params.get("precision")) if params \
+                else None
+            return "tests/trainer/test_compare.py" if key in COMPARE_SMOKES else None
         module = Path(item.path).relative_to(REPO).as_posix()
         return SHARED_RUN_GROUPS.get(module, module)
 

@@ -103,7 +103,7 @@ def test_chain_layer_order_pool_before_bn_and_relu_before_classifier(name):
         assert order == expected
         assert isinstance(block.bn, DecoupledBatchNorm2d) and block.bn.shift == 0.25
     last = blocks[-1]
-    assert isinstance(last.act, nn.ReLU) and type(last.bn) is nn.BatchNorm2d
+    assert isinstance(last.act, nn.ReLU) and type(last.bn) is models.Float32BatchNorm2d
     pools = [name for name, block in model.features.named_children() if "pool" in block._modules]
     assert pools == (["conv2", "conv3", "conv4"] if name == "vgg7" else ["conv1", "conv2", "conv5"])
 
@@ -152,7 +152,7 @@ def test_resnet_decoupled_stream_rules(name):
             assert isinstance(bn, DecoupledBatchNorm2d) and bn.shift == 0.25
         if index == len(units) - 1:
             assert shortcut == ["mean", "pad"]
-            assert type(final) is nn.BatchNorm2d and final.num_features == 512
+            assert type(final) is models.Float32BatchNorm2d and final.num_features == 512
         elif "conv" in shortcut:
             assert shortcut == ["mean", "pool", "conv", "bn", "rep"]
             assert final.shift == 0.25

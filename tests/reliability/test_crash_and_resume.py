@@ -205,6 +205,32 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, ru
                for k in want)
 
 
+def test_an_infinite_gradient_stops_the_run_like_a_nan_loss(reference, run_binaryduo):
+    """An overflowing gradient with a finite loss (step 5 of epoch 2): the step is not taken
+    (no silent skip either), the run stops with the divergence line, keeps epoch 1, FAILED."""
+    recipe, straight = reference
+    root = recipe.parent
+    error = stops_with_one_line(run_binaryduo, recipe, "inf", "inf_grad:coupled:2:5")
+    assert "stage 'coupled' epoch 2: the gradients are not finite (loss " in error
+    assert "at step 5 of the epoch (global step 21)" in error
+    assert "the run diverged and stops" in error and "epoch-0001 is kept" in error
+    coupled = root / "inf" / "checkpoints" / "coupled"
+    assert json.loads((coupled / "manifest.json").read_text())["latest"] == "epoch-0001"
+    assert parent_status(root / "mlflow.db", root / "inf") == "FAILED"
+
+
+def test_an_infinite_gradient_stops_a_zero1_bf16_run_too(reference, run_binaryduo):
+    """ZeRO 1 keeps the reduced gradients in its optimizer's partitions, not in ``.grad``; the
+    check reads them there (and DeepSpeed's own overflow skip never gets to skip silently)."""
+    recipe, _ = reference
+    result = run_binaryduo("train", recipe, "--output", "inf-z1", "--smoke", "--set",
+                           "deepspeed.zero_stage=1", "--set", "precision=bf16", cwd=recipe.parent,
+                           check=False, env={"BINARYDUO_FAULT": "inf_grad:coupled:1:2"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert ("stage 'coupled' epoch 1: the gradients are not finite (loss " in result.stderr and
+            "at step 2 of the epoch" in result.stderr), result.stderr[-3000:]
+
+
 class _Payload:
     """Unpickling this runs ``touch MARKER``: what a crafted checkpoint file would do."""
 

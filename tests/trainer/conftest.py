@@ -52,7 +52,8 @@ def smoke_plan(recipe: Path, request) -> tuple[dict, list[str]]:
 
 @pytest.fixture(scope="session")
 def smoke_store(tmp_path_factory, request, run_binaryduo):
-    """``smoke_store(recipe)`` runs a shipped recipe with ``--smoke`` (once per session) in a real
+    """``smoke_store(recipe[, precision])`` runs a shipped recipe with ``--smoke`` (once per
+    session and precision; bf16 unless told: the recipes' GPU path, autocast on CPU) in a real
     process, into one MLflow store shared by all of them (``smoke_store.uri``): the smoke tests
     and ``compare`` read the same real runs."""
     import yaml
@@ -61,19 +62,20 @@ def smoke_store(tmp_path_factory, request, run_binaryduo):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     done: dict[Path, SmokeRun] = {}
 
-    def run(recipe: Path) -> SmokeRun:
+    def run(recipe: Path, precision: str = "bf16") -> SmokeRun:
         recipe = Path(recipe)
-        if recipe not in done:
+        if (recipe, precision) not in done:
             env, sets = smoke_plan(recipe, request)
+            sets = [*sets, f"precision={precision}"]
             name = yaml.safe_load((REPO / recipe).read_text())["name"]
             overrides = [arg for item in sets for arg in ("--set", item)]
             started = time.monotonic()
             result = run_binaryduo("train", REPO / recipe, "--smoke", "--output",
-                                    root / "runs" / name, "--tracking-uri", uri, *overrides,
-                                    cwd=root, env=env)
-            done[recipe] = SmokeRun(recipe, name, env, sets, result.stdout,
-                                    time.monotonic() - started)
-        return done[recipe]
+                                    root / "runs" / f"{name}-{precision}", "--tracking-uri", uri,
+                                    *overrides, cwd=root, env=env)
+            done[recipe, precision] = SmokeRun(recipe, name, env, sets, result.stdout,
+                                               time.monotonic() - started)
+        return done[recipe, precision]
 
     run.root, run.uri, run.created = root, uri, time.time()
     return run

@@ -3,6 +3,7 @@ same result as one rank with the same global batch, one MLflow record, preemptio
 and a failing rank that fails the job promptly. (``srun`` is tested in tests/slurm.)"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -182,6 +183,78 @@ def test_preempted_rank_checkpoints_mid_epoch_and_resume_is_bitwise(runs):
         assert torch.equal(record["weights"][name], tensor), name
 
 
+def test_a_two_rank_run_preempted_mid_epoch_finishes_on_one_rank(runs, run_binaryduo):
+    """ZeRO 0, --resume on another number of ranks: weights, optimizer state, the global step
+    and the data order are world-size-free; the mid-epoch checkpoint's per-rank loss sums are
+    re-derived (the interrupted epoch's train_loss still averages the global batch's) and each
+    rank gets a fresh dropout stream. It ends where the uninterrupted 2-rank run ends, up to
+    reduction order (the 2-vs-1-rank bound above)."""
+    root = runs["root"]
+    uri, out = f"sqlite:///{root}/moved.db", root / "moved"
+    stopped = _launch("torchrun", runs["fp"], out, uri, fault="signal:USR1:1:fp:1:2")
+    assert "binaryduo: preempted: checkpoint at stage 'fp', epoch 1, step 2" in stopped.stderr, \
+        stopped.stderr[-4000:]
+    resumed = run_binaryduo("train", runs["fp"], "--tracking-uri", uri, "--resume", out,
+                            cwd=root, env=_env())
+    notes = [line for line in resumed.stderr.splitlines()
+             if line.startswith("binaryduo: note: stage 'fp' was stopped")]
+    assert len(notes) == 1 and "step 2 of epoch 1 by 2 ranks and resumes on 1" in notes[0], \
+        resumed.stderr[-3000:]
+    two, moved = runs["two"], _record(uri, out, "fp")
+    assert moved["parents"] == 1
+    for key in ("train_loss", "val_loss", "val_top1"):
+        want, got = two["stages"]["fp"][key], moved["stages"]["fp"][key]
+        assert [s for s, _ in got] == [s for s, _ in want] == [1, 2], (key, got, want)
+        for (_, x), (_, y) in zip(want, got):
+            assert y == pytest.approx(x, rel=1e-3, abs=1e-6), (key, want, got)
+    difference = _max_relative_difference(two["weights"], moved["weights"])
+    assert difference < 5e-3, difference
+
+
+def _files(directory: Path) -> dict[str, tuple]:
+    """Every file and folder under ``directory``: size, modification time and SHA-256."""
+    return {str(p.relative_to(directory)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns,
+                                            None if p.is_dir() else
+                                            hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(directory.rglob("*"))}
+
+
+def test_zero1_resume_on_another_number_of_ranks_is_refused_before_any_compute(runs,
+                                                                               run_binaryduo):
+    """ZeRO 1 splits the optimizer state per rank: a resume on 1 rank of a 2-rank checkpoint is
+    refused in one line naming both world sizes, exit 2, the run directory untouched."""
+    root = runs["root"]
+    uri, out, zero1 = f"sqlite:///{root}/zero1.db", root / "zero1", ("--set",
+                                                                     "deepspeed.zero_stage=1")
+    stopped = _launch("torchrun", runs["fp"], out, uri, *zero1, fault="signal:USR1:1:fp:1:1")
+    assert "binaryduo: preempted: checkpoint at stage 'fp', epoch 1, step 1" in stopped.stderr, \
+        stopped.stderr[-4000:]
+    checkpoint = out / "checkpoints" / "fp" / "epoch-0000-step-000001"
+    before = _files(out)
+    refused = run_binaryduo("train", runs["fp"], *zero1, "--tracking-uri", uri, "--resume", out,
+                            cwd=root, env=_env(), check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("binaryduo:")]
+    assert len(lines) == 1, refused.stderr[-3000:]
+    assert lines[0].startswith("binaryduo: error: --resume ")
+    assert f"checkpoint {checkpoint} was written by 2 ranks" in lines[0], lines
+    assert "this run has 1; resume it on 2 ranks" in lines[0], lines
+    assert "Traceback" not in refused.stderr
+    assert _files(out) == before  # nothing written, nothing touched
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_in_one_line(runs):
+    root = runs["root"]
+    refused = _launch("torchrun", runs["fp"], root / "odd", f"sqlite:///{root}/odd.db", "--set",
+                      "data.batch_size=63", timeout=300)
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("binaryduo:")]
+    assert lines == ["binaryduo: error: data.batch_size 63 (the global batch) does not split "
+                     "evenly over 2 ranks"], refused.stderr[-3000:]
+    # torchrun prints its own traceback for a failed job; none comes from binaryduo's code
+    assert "binaryduo/trainer" not in refused.stderr and "/trainer/run/" not in refused.stderr
+    assert refused.returncode != 0 and not (root / "odd").exists()
+
+
 def test_a_failing_rank_fails_the_job_promptly_with_its_error(runs):
     root = runs["root"]
     started = time.perf_counter()
@@ -201,8 +274,9 @@ def _stopped_lines(result: subprocess.CompletedProcess) -> list[str]:
 
 def test_nan_on_one_rank_stops_both_ranks_in_the_same_step(runs):
     """Rank 1 alone diverges (weights poisoned after step 3 of epoch 2); the per-step check is
-    agreed by all ranks, so both stop before step 4's backward pass instead of one of them
-    waiting in the gradient all-reduce."""
+    agreed by all ranks, so both stop before step 4's optimizer step instead of one of them
+    waiting in a collective. Rank 1 sees its NaN loss; rank 0 its gradients, made NaN by the
+    all-reduce with rank 1's."""
     root = runs["root"]
     started = time.perf_counter()
     # per-rank BatchNorm statistics: with the default global ones rank 1's NaN activations
@@ -215,10 +289,45 @@ def test_nan_on_one_rank_stops_both_ranks_in_the_same_step(runs):
     lines = _stopped_lines(failed)
     assert len(lines) == 2, failed.stderr[-3000:]
     assert any("training loss is nan at step 4 of the epoch" in line for line in lines)
-    assert any("not finite on another rank at step 4 of the epoch" in line for line in lines)
+    assert any("the gradients are not finite (loss " in line and "at step 4 of the epoch" in line
+               for line in lines)
     assert all("stage 'fp' epoch 2" in line and "epoch-0001 is kept" in line for line in lines)
     manifest = json.loads((root / "nan" / "checkpoints" / "fp" / "manifest.json").read_text())
     assert manifest["latest"] == "epoch-0001"
+
+
+def test_an_infinite_gradient_on_one_rank_stops_both_ranks_in_the_same_step(runs):
+    """Rank 1's gradient overflows after the all-reduce (step 3 of epoch 2), its loss finite:
+    both ranks stop before that step's optimizer step, with the divergence line."""
+    root = runs["root"]
+    failed = _launch("torchrun", runs["fp"], root / "inf", f"sqlite:///{root}/inf.db",
+                     fault="inf_grad:fp:2:3:1", timeout=300)
+    assert failed.returncode != 0
+    lines = _stopped_lines(failed)
+    assert len(lines) == 2, failed.stderr[-3000:]
+    assert any("the gradients are not finite (loss " in line for line in lines)
+    assert any("the loss or the gradients are not finite on another rank" in line
+               for line in lines)
+    assert all("stage 'fp' epoch 2" in line and "at step 3 of the epoch" in line and
+               "epoch-0001 is kept" in line for line in lines)
+
+
+def test_a_decoupling_check_failing_on_rank_1_stops_both_ranks_promptly(runs):
+    """Rank 1's decoupled weights are off by 1e-3 (as if the engine's broadcast had not
+    reached it): its check fails, rank 0's passes; the verdict is agreed, so both ranks stop
+    at once with the same line instead of rank 0 fine-tuning into a collective time-out."""
+    root = runs["root"]
+    started = time.perf_counter()
+    failed = _launch("torchrun", runs["duo"], root / "baddec", f"sqlite:///{root}/baddec.db",
+                     fault="bad_decouple:1:finetune", timeout=300)
+    seconds = time.perf_counter() - started
+    assert failed.returncode != 0
+    lines = _stopped_lines(failed)
+    assert len(lines) == 2, failed.stderr[-3000:]
+    assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1], lines
+    assert "decoupling 'coupled' -> 'finetune' on rank 1: not exact" in lines[0], lines
+    assert seconds < runs["duo_seconds"], (seconds, runs["duo_seconds"])
+    assert not (root / "baddec" / "checkpoints" / "finetune").exists()
 
 
 def test_a_checkpoint_write_failing_on_rank_0_stops_both_ranks(runs):

@@ -193,3 +193,19 @@ def test_shipped_recipes_pass_schema_only(recipe, monkeypatch, capsys):
     result = subprocess.CompletedProcess(["binaryduo", "validate", "--schema-only", recipe],
                                          returncode, output.out, output.err)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_key_added_later_changes_no_recipe_identity_while_at_its_default(tmp_path):
+    """Runs started before ``decouple_flip_tolerance`` existed resume (same recipe hash) as long
+    as the recipe leaves it at its default; set to anything else, it is part of the recipe."""
+    from binaryduo.trainer.recipe import load_recipe
+    from binaryduo.trainer.tracking.provenance import recipe_hash
+
+    path = REPO / "recipes" / "demo" / "fashion_mnist_vgg7_binaryduo.yaml"
+    plain = load_recipe(path, [])
+    assert all("decouple_flip_tolerance" not in stage for stage in plain.identity()["stages"])
+    assert all("decouple_flip_tolerance" in stage
+               for stage in plain.model_dump(mode="json")["stages"])  # still in the saved recipe
+    changed = load_recipe(path, ["stages.finetune.decouple_flip_tolerance=0.01"])
+    assert changed.identity()["stages"][1]["decouple_flip_tolerance"] == 0.01
+    assert recipe_hash(changed.identity()) != recipe_hash(plain.identity())

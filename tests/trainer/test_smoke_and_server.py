@@ -17,17 +17,24 @@ RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "recipes").rglob("*.yaml")
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=str)
-def test_smoke_every_recipe(recipe, smoke_store, smoke_stage_computes):
+#: Every recipe in bf16 (``precision: auto`` on a GPU: the path users run), and the demo recipes
+#: also in fp32 (``auto`` on CPU: what ``make demo`` runs).
+SMOKES = [(recipe, "bf16") for recipe in RECIPES] + [
+    (recipe, "fp32") for recipe in RECIPES if recipe.parts[1] == "demo"]
+
+
+@pytest.mark.parametrize("recipe,precision", SMOKES, ids=lambda v: str(v))
+def test_smoke_every_recipe(recipe, precision, smoke_store, smoke_stage_computes):
     """Every shipped recipe runs end to end (--smoke) on a tiny dataset in its own format."""
     import yaml
 
-    run = smoke_store(recipe)
-    print(f"smoke {recipe}: {run.seconds:.1f} s")
+    run = smoke_store(recipe, precision)
+    print(f"smoke {recipe} {precision}: {run.seconds:.1f} s")
     assert "open the record" in run.stdout
     client = MlflowClient(tracking_uri=smoke_store.uri)
     experiment = client.get_experiment_by_name("binaryduo").experiment_id
-    runs = client.search_runs([experiment], f"tags.recipe = '{run.name}-smoke'")
+    runs = client.search_runs([experiment], f"tags.recipe = '{run.name}-smoke' and "
+                                            f"tags.precision = '{precision}'")
     assert runs and all(r.info.status == "FINISHED" for r in runs)
     assert {r.data.tags["smoke"] for r in runs} == {"true"}
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -95,23 +95,53 @@ def test_resume_refuses_a_changed_recipe(tmp_path, tiny_zero1_bf16_smoke, run_bi
 
 
 def test_bf16_and_zero1_smoke(tiny_zero1_bf16_smoke):
-    """bf16 (BN buffers cast after initialize) and ZeRO stage 1 run on the CPU accelerator
-    (the run is shared with the crash tests' ZeRO-1 resume check)."""
+    """bf16 (mixed precision: autocast around float32 weights) and ZeRO stage 1 run on the CPU
+    accelerator (the run is shared with the crash tests' ZeRO-1 resume check). Everything a bf16
+    run writes is float32: checkpoints, the hand-off to the next stage, the MLflow model."""
     assert "[finetune] epoch 1/1" in tiny_zero1_bf16_smoke.stdout
     client, parents, children = _records(tiny_zero1_bf16_smoke.db)
     assert parents[0].data.params["precision"] == "bf16"
-    assert children["finetune"].data.metrics["decouple_max_abs_dlogit_f64"] <= 1e-9
+    metrics = children["finetune"].data.metrics
+    assert metrics["decouple_max_abs_dlogit_f64"] <= 1e-9
+    # checked in the run's own precision too: bf16 autocast with float32 BN flips nothing
+    assert metrics["decouple_activation_flips_native"] == 0
+    assert metrics["decouple_changed_predictions_native"] == 0
+    check = json.loads((tiny_zero1_bf16_smoke.run / "decoupling_check_finetune.json").read_text())
+    assert check["native_dtype"] == "float32 (autocast bfloat16)" and check["passed"]
+    files = sorted(tiny_zero1_bf16_smoke.run.glob("checkpoints/*/epoch-*/*.pt"))
+    assert any(f.name == "model_state.pt" for f in files)
+    for path in files:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        tensors = _tensors(state)
+        assert tensors and all(t.dtype in (torch.float32, torch.int64) for t in tensors), \
+            (path.name, sorted({str(t.dtype) for t in tensors}))
+
+
+def _tensors(value) -> list:
+    """Every floating-point or integer tensor inside a checkpoint's nested containers."""
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def test_bad_recipe_costs_nothing_and_writes_nothing(tmp_path, tiny_recipe, run_binaryduo):
     result = run_binaryduo("train", tiny_recipe, "--output", "run", "--set", "stages.0.epochs=0",
-                           "--set", "model.options.latent_clip=1.0", "--set", "precision=bf16",
-                           cwd=tmp_path, check=False)
+                           "--set", "model.options.latent_clip=1.0", "--set",
+                           "deepspeed.zero_stage=1", cwd=tmp_path, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "stages.0.epochs" in lines[0]
     result = run_binaryduo("train", tiny_recipe, "--output", "run", "--set",
-                           "model.options.latent_clip=1.0", "--set", "precision=bf16",
+                           "model.options.latent_clip=1.0", "--set", "deepspeed.zero_stage=1",
                            cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "latent_clip needs precision fp32" in result.stderr
+    assert result.returncode == 2 and "latent_clip needs deepspeed.zero_stage 0" in result.stderr
+    result = run_binaryduo("train", tiny_recipe, "--output", "run", "--set", "precision=fp16",
+                           cwd=tmp_path, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "precision" in lines[0] and "fp16 is not supported" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no run dir, no mlflow.db

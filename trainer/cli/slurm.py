@@ -69,7 +69,7 @@ def _existing_run_problem(run_dir: Path, resolved: dict, *, smoke: bool) -> str 
         from binaryduo.trainer.run.train import smoke_recipe
 
         recipe = Recipe.model_validate(resolved)
-        digest = recipe_hash((smoke_recipe(recipe) if smoke else recipe).model_dump(mode="json"))
+        digest = recipe_hash((smoke_recipe(recipe) if smoke else recipe).identity())
         try:
             recorded = json.loads(state.read_text()).get("recipe_hash")
         except (OSError, json.JSONDecodeError):

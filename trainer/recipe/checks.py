@@ -44,11 +44,10 @@ def semantic_problems(recipe: Recipe, *, check_paths: bool,
                                                f"images but model.options.in_channels is "
                                                f"{in_channels}"))
 
-    if recipe.model.options.get("latent_clip") is not None and (
-            recipe.precision == "bf16" or recipe.deepspeed.zero_stage > 0):
-        problems.append((("model", "options"), "latent_clip needs precision fp32 (or auto on CPU) "
-                                               "and deepspeed.zero_stage 0: it clamps the "
-                                               "parameters the optimizer steps"))
+    if recipe.model.options.get("latent_clip") is not None and recipe.deepspeed.zero_stage > 0:
+        problems.append((("model", "options"), "latent_clip needs deepspeed.zero_stage 0: it "
+                                               "clamps the parameters the optimizer steps, which "
+                                               "ZeRO keeps in separate partitions"))
 
     names = [stage.name for stage in recipe.stages]
     for index, stage in enumerate(recipe.stages):

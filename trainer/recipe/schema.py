@@ -13,7 +13,7 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -162,8 +162,12 @@ class StageSection(_Strict):
     init_checkpoint: Literal["best", "last"] = "best"
     #: ``decouple``: turn the previous (coupled) stage's model into its binary equivalent first.
     transition: Literal["decouple", "none"] = "none"
-    #: Largest float64 |logit difference| the decoupling check accepts.
+    #: Largest float64 |logit difference| the decoupling check accepts (the construction).
     decouple_tolerance: float = Field(default=1e-9, gt=0)
+    #: Largest fraction of the check batch's quantized activations that may differ between the
+    #: coupled and the decoupled network in the run's own precision (fp32, or bf16 autocast):
+    #: round-off within reach of a threshold, not a construction error (the float64 check).
+    decouple_flip_tolerance: float = Field(default=1e-4, ge=0, le=1)
 
     @model_validator(mode="after")
     def _milestones_inside(self):
@@ -204,16 +208,55 @@ class DeepSpeedSection(_Strict):
     sync_batchnorm: bool = True
 
 
+def _no_fp16(value: Any) -> Any:
+    if value == "fp16":
+        raise ValueError("fp16 is not supported: its 5-bit exponent needs loss scaling, which "
+                         "skips steps, and BatchNorm statistics and the quantizer thresholds "
+                         "need float32 anyway; use bf16 (same speed on GPUs that have it)")
+    return value
+
+
+#: Keys added to the schema after runs were made with it, and the default each came with. While a
+#: recipe leaves one at that default it is left out of :meth:`Recipe.identity`, so a run started
+#: before the key existed still resumes (its ``run_state.json`` holds the hash without the key).
+LATER_KEYS_AT_DEFAULT: dict[tuple[str, ...], Any] = {
+    ("stages", "*", "decouple_flip_tolerance"): 1e-4,
+}
+
+
+def _drop_at_default(tree: Any, path: tuple[str, ...], default: Any) -> None:
+    head, rest = path[0], path[1:]
+    children = (tree if head == "*" else []) if isinstance(tree, list) else []
+    if isinstance(tree, dict):
+        if not rest:
+            if head in tree and tree[head] == default:
+                del tree[head]
+            return
+        children = [tree[head]] if head in tree else []
+    for child in children:
+        _drop_at_default(child, rest, default)
+
+
 class Recipe(_Strict):
     """A complete run: ``binaryduo validate`` checks it, ``binaryduo train`` runs it."""
+
+    def identity(self) -> dict:
+        """What makes two runs the same recipe (hashed into ``recipe_hash``): the resolved
+        recipe, less keys added later while at the default they were added with."""
+        resolved = self.model_dump(mode="json")
+        for path, default in LATER_KEYS_AT_DEFAULT.items():
+            _drop_at_default(resolved, path, default)
+        return resolved
 
     #: Names the run directory ``runs/<name>-<time>`` and the MLflow parent run.
     name: RecipeName
     #: What the recipe claims and the evidence for it (free text, saved with the run).
     description: str = ""
     seed: int = 0
-    #: ``auto``: bf16 on GPU, fp32 on CPU.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: ``auto``: bf16 on GPU, fp32 on CPU. ``bf16`` is mixed precision: float32 weights,
+    #: optimizer state, BN statistics, gradient reduction and checkpoints; the forward pass under
+    #: bf16 autocast, with BatchNorm and the quantizer thresholds in float32.
+    precision: Annotated[Literal["auto", "fp32", "bf16"], BeforeValidator(_no_fp16)] = "auto"
     model: ModelSection
     data: DataSection
     stages: list[StageSection] = Field(min_length=1)

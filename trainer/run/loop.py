@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from binaryduo.models import clip_latent_weights_
 
+from binaryduo.trainer.run.precision import compute_precision
 from binaryduo.trainer.runtime.distributed import DistributedContext, all_reduce_sum, any_rank
 from binaryduo.trainer.runtime.faults import NO_FAULTS, EpochFaults
 
@@ -57,6 +58,42 @@ def _split(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return batch[0], batch[1], None
 
 
+def gradients(engine) -> list[torch.Tensor]:
+    """The gradients the optimizer is about to apply, on this rank, after the backward pass.
+
+    ZeRO 0: the parameters' ``.grad``, already all-reduced (the same on every rank). ZeRO 1:
+    DeepSpeed has moved them into its optimizer's ``averaged_gradients`` (this rank's partition,
+    reduced) and cleared ``.grad``; the other partitions are checked by their ranks."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    partitions = getattr(engine.optimizer, "averaged_gradients", None)
+    if isinstance(partitions, dict):
+        grads += [t for group in partitions.values() for t in (group or []) if t is not None]
+    return grads
+
+
+def _all_finite(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """A device-side boolean (no host sync): the loss and every gradient are finite. The total
+    norm is inf or NaN exactly when an element is (or when a finite norm overflows float32,
+    ~1e19, which is divergence too)."""
+    finite = torch.isfinite(loss.detach())
+    if grads:
+        finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+    return finite
+
+
+def _divergence(loss: torch.Tensor, grads: list[torch.Tensor], step_in_epoch: int,
+                global_step: int) -> str:
+    """Why this rank stops (the stop decision was agreed; this is only its reason)."""
+    value = loss.item()
+    if not math.isfinite(value):
+        why = f"training loss is {value}"
+    elif grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        why = f"the gradients are not finite (loss {value:.4g})"
+    else:
+        why = "the loss or the gradients are not finite on another rank"
+    return f"{why} at step {step_in_epoch} of the epoch (global step {global_step})"
+
+
 def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: torch.dtype,
                 lr_at: Callable[[int], float], first_step: int, log_every: int,
                 on_log: Callable[[int, dict[str, float]], None], progress=None,
@@ -72,9 +109,13 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
     clipping, where the model asks for it, acts on the parameters DeepSpeed steps (the fp32
     masters at ZeRO 0 / fp32).
 
-    A non-finite loss on any rank raises ``FloatingPointError`` on every rank before the
-    backward pass (nothing is stepped with it). ``faults`` is called at its named points (after
-    the backward pass, after the step; see :mod:`binaryduo.trainer.runtime.faults`).
+    ``dtype`` bf16 runs the forward pass under bf16 autocast (:func:`compute_precision`); the
+    weights, gradients and optimizer stay float32.
+
+    A non-finite loss or gradient on any rank raises ``FloatingPointError`` on every rank before
+    the optimizer step (nothing is stepped with it, never a silently skipped step): one decision
+    per step, agreed by all ranks in one small all-reduce. ``faults`` is called at its named
+    points (after the backward pass, after the step; see :mod:`binaryduo.trainer.runtime.faults`).
     """
     engine.train()
     sums = EpochProgress(**(resumed.__dict__ if resumed else {}))
@@ -90,17 +131,16 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
         sums.lr = lr_at(step)
         for group in engine.optimizer.param_groups:
             group["lr"] = sums.lr
-        logits = engine(inputs.to(ctx.device, dtype, non_blocking=True))
+        with compute_precision(dtype, ctx.device):
+            logits = engine(inputs.to(ctx.device, non_blocking=True))
         loss = F.cross_entropy(logits.float(), labels.to(ctx.device))
-        # every rank takes the same decision (a rank that stopped alone would leave the others
-        # waiting in the gradient all-reduce)
-        if any_rank(~torch.isfinite(loss.detach()), ctx.device):
-            value = loss.item()
-            where = f"{value}" if not math.isfinite(value) else "not finite on another rank"
-            raise FloatingPointError(f"training loss is {where} at step {sums.steps + 1} of the "
-                                     f"epoch (global step {step + 1})")
         engine.backward(loss)
-        faults.after_backward(engine.module, sums.steps + 1)
+        grads = gradients(engine)
+        faults.after_backward(engine.module, grads, sums.steps + 1)
+        # every rank takes the same decision (a rank that stopped alone would leave the others
+        # waiting in the next collective)
+        if any_rank(~_all_finite(loss, grads), ctx.device):
+            raise FloatingPointError(_divergence(loss, grads, sums.steps + 1, step + 1))
         engine.step()
         clip_latent_weights_(engine.module)
         loss_sum += loss.detach().to(torch.float64)
@@ -146,7 +186,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, ctx: DistributedContex
     for batch in loader:
         inputs, labels, valid = _split(batch)
         labels = labels.to(ctx.device)
-        logits = model(inputs.to(ctx.device, dtype)).float()
+        with compute_precision(dtype, ctx.device):
+            logits = model(inputs.to(ctx.device)).float()
         if valid is not None:
             keep = valid.to(ctx.device).bool()
             logits, labels = logits[keep], labels[keep]

@@ -33,8 +33,9 @@ from binaryduo.trainer.run.loop import (EpochProgress, EpochStats, EvalStats, ep
 from binaryduo.trainer.run.progress import progress_bar, summary_line
 from binaryduo.trainer.run.schedules import learning_rate
 from binaryduo.trainer.run.state import (ResumePoint, RunState, StageResult, rng_states,
-                                         set_rng_states, stage_seed)
-from binaryduo.trainer.run.transitions import build_stage_model, initial_weights
+                                         seed_model_randomness, set_rng_states, stage_seed)
+from binaryduo.trainer.run.transitions import (build_stage_model, initial_weights,
+                                               verify_decoupling)
 from binaryduo.trainer.runtime.distributed import (DistributedContext, all_gather_objects, any_rank,
                                                    assert_replicas_agree, on_main_then_broadcast,
                                                    sync_batchnorm_statistics)
@@ -136,18 +137,24 @@ class StageRunner:
         # every rank reads the manifest (checkpoints live on a shared file system, as DeepSpeed's);
         # rank 0 verifies the latest checkpoint (falling back to the previous good one)
         latest = on_main_then_broadcast(stage.checkpoints.resume_tag, ctx.is_main)
+        pending = None
         if latest is None:
-            model, stage.transition_metrics = initial_weights(
-                recipe, index, model, ctx=ctx, output_dir=self.output_dir, loaders=self.loaders,
-                tracker=self.tracker, run_id=stage.run_id, faults=self.faults)
+            model, pending = initial_weights(recipe, index, model, output_dir=self.output_dir)
         model.to(ctx.device)
         if recipe.deepspeed.sync_batchnorm and ctx.world_size > 1:
             synchronize_batchnorm(model)
         stage.engine = make_engine(model, spec, recipe, ctx=ctx, dtype=self.dtype,
                                    per_rank_batch=self.loaders.per_rank_batch)
+        if pending is not None:  # decoupled: checked on what will be fine-tuned, by every rank
+            stage.transition_metrics = verify_decoupling(
+                pending, stage.engine.module, recipe, index, ctx=ctx, dtype=self.dtype,
+                output_dir=self.output_dir, loaders=self.loaders, tracker=self.tracker,
+                run_id=stage.run_id, faults=self.faults)
+            self.faults.kill_point("decouple", spec.name, 0)
         if latest is not None:
             stage.resume = ResumePoint.from_client_state(
-                stage.checkpoints.load(stage.engine, latest), ctx.rank)
+                stage.checkpoints.load(stage.engine, latest), ctx.rank,
+                world_size=ctx.world_size, seed=recipe.seed)
             stage.transition_metrics = stage.resume.transition_metrics
         stage.steps_per_epoch = self.loaders.steps_per_epoch(stage_seed(recipe.seed, index, 0))
         return stage
@@ -160,7 +167,8 @@ class StageRunner:
         resumed = stage.resumed_mid_epoch(epoch)
         start_step = resumed.step_in_epoch if resumed else 0
         self.faults.epoch_started(stage.name, epoch + 1)
-        torch.manual_seed(stage_seed(recipe.seed, stage.index, epoch + 1))
+        # dropout masks: this rank's own stream (data order and augmentation are keyed per sample)
+        seed_model_randomness(recipe.seed, stage.index, epoch + 1, ctx.rank)
         if resumed:
             set_rng_states(resumed.rng_states)
         loader = self.loaders.train(stage_seed(recipe.seed, stage.index, 0), epoch, start_step)
@@ -213,7 +221,8 @@ class StageRunner:
             raise FloatingPointError(stage.divergence(epoch, f"training loss is {stats.loss}"))
         metrics = {"train_loss": stats.loss, "val_top1": evaluation.top1,
                    "val_top5": evaluation.top5, "val_loss": evaluation.loss, "lr": stats.lr,
-                   "images_per_second": stats.images_per_second * self.ctx.world_size,
+                   # images summed over ranks, per second of this rank's epoch: the job's rate
+                   "images_per_second": stats.images_per_second,
                    "data_wait_fraction": stats.data_wait_fraction,
                    "epoch_seconds": stats.seconds}
         self.tracker.log_metrics(stage.run_id, metrics, step=epoch + 1)
@@ -238,7 +247,8 @@ class StageRunner:
                 "step": epoch * stage.steps_per_epoch, "top1": top1,
                 "recipe_hash": self.recipe_hash, "parent_run_id": self.state.parent_run_id,
                 "stage_run_id": stage.run_id, "transition_metrics": stage.transition_metrics,
-                **extra}
+                # a resume on another number of ranks re-derives the per-rank entries (state.py)
+                "world_size": self.ctx.world_size, **extra}
 
     def stop_for_preemption(self, stage: ActiveStage, epoch: int, step: int,
                             sums: EpochProgress | None) -> None:

@@ -16,6 +16,31 @@ from binaryduo.trainer.runtime.preemption import (EXIT_PREEMPTED, Preempted, Pre
 from binaryduo.trainer.tracking.server import check_tracking_server, resolve_tracking_uri
 from binaryduo.trainer.tracking.tracker import Tracker
 
+#: A resume that cannot work as asked: the CLI's usage status (``cli.errors.EXIT_USAGE``, which
+#: this layer may not import), reported as its one ``binaryduo: error:`` line
+EXIT_REFUSED = 2
+
+
+def _job_refusal(recipe: Recipe, ctx, resumed_dir: Path | None, dtype) -> str | None:
+    """Why this recipe cannot run on this job's ranks (the same answer on every rank), or None."""
+    from binaryduo.trainer.run.state import world_size_refusal
+    from binaryduo.trainer.runtime.distributed import all_gather_objects, broadcast_object
+
+    if recipe.data.batch_size % ctx.world_size:
+        return (f"data.batch_size {recipe.data.batch_size} (the global batch) does not split "
+                f"evenly over {ctx.world_size} ranks")
+    # one precision for the whole job (`auto` could resolve differently on a rank without GPU)
+    precisions = all_gather_objects(str(dtype).removeprefix("torch."))
+    if len(set(precisions)) > 1:
+        return (f"precision {recipe.precision} resolved to {' / '.join(sorted(set(precisions)))} "
+                f"on different ranks (per rank: {', '.join(precisions)}): give every rank a GPU, "
+                f"or set precision")
+    # optimizer state split per rank (ZeRO >= 1) loads only on as many ranks as wrote it
+    if resumed_dir is None:
+        return None
+    return broadcast_object(world_size_refusal(resumed_dir, [s.name for s in recipe.stages],
+                                               ctx.world_size) if ctx.is_main else None)
+
 
 def smoke_recipe(recipe: Recipe) -> Recipe:
     """The same recipe, one epoch per stage (on the tiny subset ``DataFeed(smoke=True)`` takes)."""
@@ -72,7 +97,7 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
     from binaryduo.trainer.run.runner import run_recipe
     from binaryduo.trainer.run.state import RunState
     from binaryduo.trainer.runtime.distributed import broadcast_object, init_distributed, teardown
-    from binaryduo.trainer.run.deepspeed_engine import resolve_dtype
+    from binaryduo.trainer.run.precision import resolve_dtype
     from binaryduo.trainer.run.feed import DataFeed, check_data
     from binaryduo.trainer.tracking.provenance import (code_version, code_version_tag, hardware,
                                                        package_versions, recipe_hash)
@@ -88,12 +113,18 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
         output_dir = Path(resume or output or broadcast_object(
             f"runs/{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}" if ctx.is_main else None))
         resolved = recipe.model_dump(mode="json")
-        digest = recipe_hash(resolved)
+        digest = recipe_hash(recipe.identity())
         # a resumed directory must hold this recipe: refused before anything in it is rewritten
         state = broadcast_object(RunState.load(output_dir) if ctx.is_main else None)
         state.require_recipe(output_dir, digest)
-        version = code_version()
         dtype = resolve_dtype(recipe.precision, ctx.device)
+        refusal = _job_refusal(recipe, ctx, output_dir if resume is not None else None, dtype)
+        if refusal is not None:  # the same on every rank, before anything is built or written
+            if ctx.is_main:
+                stderr_line(f"binaryduo: error: {refusal}")
+            clean = True  # every rank returns here: the group closes with a barrier
+            return EXIT_REFUSED
+        version = code_version()
         # what `auto` resolved to on this machine, so runs from CPU and GPU compare honestly
         tags = {"code_version": code_version_tag(version),
                 "world_size": str(ctx.world_size), "hardware": hardware(ctx.world_size)["device"],

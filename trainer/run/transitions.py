@@ -2,15 +2,19 @@
 stage's checkpoint, or through the *decouple* transition: the coupled (ternary) network becomes
 its exact binary equivalent by the rules of docs/method.md (decoupling).
 
-Decoupling is verified before a single fine-tuning step: float64 logits of the coupled and the
-decoupled network on a fixed validation batch must agree within the stage's
-``decouple_tolerance``, with no changed prediction and parameters exactly as the rule makes them.
-A failed check stops the run (:class:`StageTransitionError`); the check's numbers go to the stage's
+Decoupling is verified on the weights that will be fine-tuned -- the DeepSpeed engine's module,
+after the engine broadcast rank 0's parameters -- before a single fine-tuning step, on every rank
+with its own validation batch, in two ways: in float64 (the construction: |dlogit| within the
+stage's ``decouple_tolerance``, no changed prediction, parameters exactly as the rule makes them)
+and in the run's own precision (fp32, or bf16 autocast: the fraction of quantized activations that
+flip within ``decouple_flip_tolerance``). The verdict is agreed by all ranks: one failing rank
+stops every rank with the same line (:class:`StageTransitionError`). The numbers go to the stage's
 MLflow run either way.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +23,7 @@ from binaryduo import models
 from binaryduo.trainer.recipe import Recipe, StageSection
 from binaryduo.trainer.run.checkpoint import StageCheckpoints, atomic_write_text, load_model_state
 from binaryduo.trainer.run.loop import evaluate
-from binaryduo.trainer.runtime.distributed import DistributedContext
+from binaryduo.trainer.runtime.distributed import DistributedContext, all_gather_objects
 from binaryduo.trainer.runtime.faults import FaultHooks
 from binaryduo.trainer.tracking.tracker import Tracker
 
@@ -32,60 +36,53 @@ def build_stage_model(recipe: Recipe, stage: StageSection) -> torch.nn.Module:
     return models.build(recipe.model.name, stage.variant, **recipe.model.options)
 
 
+@dataclass
+class PendingDecoupling:
+    """A stage's decoupled start, not verified yet: the coupled model it came from and the
+    coupled checkpoint's manifest entry (``epoch``, ``tag``, ``top1``)."""
+
+    coupled: torch.nn.Module
+    chosen: dict
+
+
 def initial_weights(recipe: Recipe, index: int, model: torch.nn.Module, *,
-                    ctx: DistributedContext, output_dir: Path, loaders, tracker: Tracker,
-                    run_id: str | None,
-                    faults: FaultHooks) -> tuple[torch.nn.Module, dict[str, float]]:
-    """The model stage ``index`` starts from (``model``: freshly built and seeded), and the
-    transition's metrics (empty unless it decoupled)."""
+                    output_dir: Path) -> tuple[torch.nn.Module, PendingDecoupling | None]:
+    """The model stage ``index`` starts from (``model``: freshly built and seeded) and, when it
+    was decoupled, what :func:`verify_decoupling` needs once the engine holds it."""
     stage = recipe.stages[index]
     if stage.init_from is None:
-        return model, {}
+        return model, None
     if stage.init_from != "previous":
         model.load_state_dict(load_model_state(Path(stage.init_from)))
-        return model, {}
+        return model, None
     source = StageCheckpoints(output_dir / "checkpoints" / recipe.stages[index - 1].name,
-                              keep_last=1, is_main=ctx.is_main)
+                              keep_last=1, is_main=False)
+    weights = load_model_state(source.verified_model_file(stage.init_checkpoint))
     if stage.transition != "decouple":
-        model.load_state_dict(load_model_state(source.verified_model_file(stage.init_checkpoint)))
-        return model, {}
-    decoupled, metrics = decouple_previous(recipe, index, source, ctx=ctx, output_dir=output_dir,
-                                           loaders=loaders, tracker=tracker, run_id=run_id)
-    faults.kill_point("decouple", stage.name, 0)
-    return decoupled, metrics
-
-
-def decouple_previous(recipe: Recipe, index: int, source: StageCheckpoints, *,
-                      ctx: DistributedContext, output_dir: Path, loaders, tracker: Tracker,
-                      run_id: str | None) -> tuple[torch.nn.Module, dict[str, float]]:
-    """The previous stage's chosen coupled model -> its exact binary equivalent, verified, with
-    its validation accuracy before any fine-tuning."""
-    stage, previous = recipe.stages[index], recipe.stages[index - 1]
-    coupled = build_stage_model(recipe, previous)
-    coupled.load_state_dict(load_model_state(source.verified_model_file(stage.init_checkpoint)))
+        model.load_state_dict(weights)
+        return model, None
+    coupled = build_stage_model(recipe, recipe.stages[index - 1])
+    coupled.load_state_dict(weights)
     manifest = source.manifest()
     chosen = manifest["best"] if stage.init_checkpoint == "best" else manifest["epochs"][-1]
-    decoupled = models.decouple(coupled)
-    metrics = _verify_decoupling(coupled, decoupled, stage, previous, ctx=ctx,
-                                 output_dir=output_dir, loaders=loaders, tracker=tracker,
-                                 run_id=run_id)
-    decoupled.to(ctx.device)
-    # the decoupled model is still float32 here (the engine casts it for bf16 training)
-    before = evaluate(decoupled, loaders.val(), ctx=ctx, dtype=torch.float32)
-    metrics.update({"decouple_coupled_val_top1": chosen["top1"],
-                    "decouple_decoupled_val_top1": before.top1,
-                    "decouple_val_top1_delta": before.top1 - chosen["top1"]})
-    tracker.log_metrics(run_id, {**metrics, "val_top1": before.top1, "val_top5": before.top5},
-                        step=0)
-    return decoupled, metrics
+    return models.decouple(coupled), PendingDecoupling(coupled, chosen)
 
 
-def _verify_decoupling(coupled: torch.nn.Module, decoupled: torch.nn.Module, stage: StageSection,
-                       previous: StageSection, *, ctx: DistributedContext, output_dir: Path,
-                       loaders, tracker: Tracker, run_id: str | None) -> dict[str, float]:
-    """The exactness check on a fixed validation batch; its report is an artifact of the stage's
-    run. Raises :class:`StageTransitionError` beyond the stage's tolerance."""
-    check = models.check_decoupling(coupled, decoupled, loaders.fixed_val_batch(), mode="eval")
+def verify_decoupling(pending: PendingDecoupling, module: torch.nn.Module, recipe: Recipe,
+                      index: int, *, ctx: DistributedContext, dtype: torch.dtype,
+                      output_dir: Path, loaders, tracker: Tracker, run_id: str | None,
+                      faults: FaultHooks) -> dict[str, float]:
+    """Checks ``module`` (the engine's: what will be fine-tuned) against the coupled model on
+    this rank's fixed validation batch; every rank raises :class:`StageTransitionError` with the
+    same line when any rank's check fails. Returns the transition's metrics, with the decoupled
+    network's validation accuracy before any fine-tuning (in the run's precision)."""
+    stage, previous = recipe.stages[index], recipe.stages[index - 1]
+    faults.before_decoupling_check(module, stage.name)
+    check = models.check_decoupling(
+        pending.coupled.to(ctx.device), module, loaders.fixed_val_batch(), mode="eval",
+        autocast=dtype if dtype != torch.float32 else None)
+    problem = _problem(check, stage)
+    verdicts = all_gather_objects(problem)
     metrics = {
         "decouple_max_abs_dlogit_f64": check.max_abs_dlogit,
         "decouple_changed_predictions_f64": float(check.changed_predictions),
@@ -93,18 +90,42 @@ def _verify_decoupling(coupled: torch.nn.Module, decoupled: torch.nn.Module, sta
         "decouple_max_abs_dlogit_native": check.native_max_abs_dlogit,
         "decouple_changed_predictions_native": float(check.native_changed_predictions),
         "decouple_activation_flips_native": float(check.native_activation_flips),
+        "decouple_activation_flip_fraction_native": check.native_flip_fraction,
     }
-    passed = check.passed(stage.decouple_tolerance)
+    failing = [(rank, line) for rank, line in enumerate(verdicts) if line is not None]
     if ctx.is_main:
         path = output_dir / f"decoupling_check_{stage.name}.json"
-        atomic_write_text(path, json.dumps({**check.to_dict(), "tolerance": stage.decouple_tolerance,
-                                            "passed": passed}, indent=2))
+        atomic_write_text(path, json.dumps({
+            **check.to_dict(), "tolerance": stage.decouple_tolerance,
+            "flip_tolerance": stage.decouple_flip_tolerance, "passed": not failing,
+            "failed_ranks": {str(rank): line for rank, line in failing}}, indent=2))
         tracker.log_artifact(run_id, path)
-    if not passed:
+    if failing:
         tracker.log_metrics(run_id, metrics, step=0)
-        raise StageTransitionError(
-            f"decoupling {previous.name!r} -> {stage.name!r} is not exact: float64 max |dlogit| "
-            f"{check.max_abs_dlogit:.3e} (tolerance {stage.decouple_tolerance:g}), "
-            f"{check.changed_predictions} changed predictions, parameter deviation "
-            f"{check.parameter_deviation:g}")
+        rank, line = failing[0]
+        others = f" (and on rank(s) {', '.join(str(r) for r, _ in failing[1:])})" if \
+            failing[1:] else ""
+        raise StageTransitionError(f"decoupling {previous.name!r} -> {stage.name!r} on rank "
+                                   f"{rank}{others}: {line}")
+    before = evaluate(module, loaders.val(), ctx=ctx, dtype=dtype)
+    chosen = pending.chosen["top1"]
+    metrics.update({"decouple_coupled_val_top1": chosen,
+                    "decouple_decoupled_val_top1": before.top1,
+                    "decouple_val_top1_delta": before.top1 - chosen})
+    tracker.log_metrics(run_id, {**metrics, "val_top1": before.top1, "val_top5": before.top5},
+                        step=0)
     return metrics
+
+
+def _problem(check: models.DecouplingCheck, stage: StageSection) -> str | None:
+    """None when this rank's check passes, else what failed (one line)."""
+    if not check.passed(stage.decouple_tolerance):
+        return (f"not exact: float64 max |dlogit| {check.max_abs_dlogit:.3e} (tolerance "
+                f"{stage.decouple_tolerance:g}), {check.changed_predictions} changed predictions, "
+                f"parameter deviation {check.parameter_deviation:g}")
+    if check.native_flip_fraction > stage.decouple_flip_tolerance:
+        return (f"{check.native_activation_flips} of {check.activations_compared} activations "
+                f"({check.native_flip_fraction:.2e}) flip in {check.native_dtype}, more than "
+                f"decouple_flip_tolerance {stage.decouple_flip_tolerance:g} "
+                f"({check.native_changed_predictions} changed predictions)")
+    return None

@@ -19,7 +19,11 @@ STAGE a stage name):
 - ``disk_full:STAGE:EPOCH``: writing EPOCH's checkpoint fails part-way with ENOSPC, as a full
   disk does (the model file is left cut short);
 - ``nan:STAGE:EPOCH:STEP[:RANK]``: after step STEP's backward pass the weights are poisoned
-  with NaN (divergence), on every rank or on RANK only.
+  with NaN (divergence), on every rank or on RANK only;
+- ``inf_grad:STAGE:EPOCH:STEP[:RANK]``: after step STEP's backward pass one gradient element is
+  set to +inf (an overflowing gradient), on every rank or on RANK only;
+- ``bad_decouple:RANK:STAGE``: rank RANK's decoupled weights are perturbed right before the
+  decoupling check of STAGE (a rank whose weights are not the decoupled ones).
 """
 from __future__ import annotations
 
@@ -63,16 +67,26 @@ class FaultHooks:
             raise RuntimeError(f"injected fault on rank {self.rank} in stage {stage!r} "
                                f"epoch {epoch}")
 
-    def after_backward(self, module: torch.nn.Module, stage: str, epoch: int,
-                       step_in_epoch: int) -> None:
-        """``kill:step`` and ``nan``: after the backward pass of a step, before the optimizer's."""
+    def after_backward(self, module: torch.nn.Module, grads: list[torch.Tensor], stage: str,
+                       epoch: int, step_in_epoch: int) -> None:
+        """``kill:step``, ``nan`` and ``inf_grad``: after the backward pass of a step (its
+        gradients already all-reduced), before the optimizer's."""
         if not self.fault:
             return
         self.kill_point("step", stage, epoch, step_in_epoch)
-        if self._poison_step(stage, epoch) == step_in_epoch:
+        if self._poison_step("nan", stage, epoch) == step_in_epoch:
             with torch.no_grad():  # this rank's weights only (its gradients were already sent)
                 for parameter in module.parameters():
                     parameter.fill_(float("nan"))
+        if self._poison_step("inf_grad", stage, epoch) == step_in_epoch and grads:
+            with torch.no_grad():
+                grads[0].view(-1)[0] = float("inf")
+
+    def before_decoupling_check(self, module: torch.nn.Module, stage: str) -> None:
+        """``bad_decouple:RANK:STAGE``: this rank's decoupled weights drift from the rule's."""
+        if self.fault and self.fault == ["bad_decouple", str(self.rank), stage]:
+            with torch.no_grad():
+                next(module.parameters()).add_(1e-3)
 
     def after_step(self, stage: str, epoch: int, step_in_epoch: int) -> None:
         """``signal:SIG:RANK:STAGE:EPOCH:STEP``: this rank sends itself a preemption signal, which
@@ -89,10 +103,10 @@ class FaultHooks:
             return FullDisk(handle)
         return handle
 
-    def _poison_step(self, stage: str, epoch: int) -> int | None:
-        """``nan:STAGE:EPOCH:STEP[:RANK]`` -> STEP for this stage, epoch and rank, or None."""
+    def _poison_step(self, kind: str, stage: str, epoch: int) -> int | None:
+        """``KIND:STAGE:EPOCH:STEP[:RANK]`` -> STEP for this stage, epoch and rank, or None."""
         fault = self.fault
-        if len(fault) in (4, 5) and fault[0] == "nan" and fault[1] == stage and \
+        if len(fault) in (4, 5) and fault[0] == kind and fault[1] == stage and \
                 fault[2] == str(epoch) and (len(fault) == 4 or fault[4] == str(self.rank)):
             return int(fault[3])
         return None
@@ -108,8 +122,9 @@ class EpochFaults:
     def __init__(self, hooks: FaultHooks, stage: str, epoch: int):
         self.hooks, self.stage, self.epoch = hooks, stage, epoch
 
-    def after_backward(self, module: torch.nn.Module, step_in_epoch: int) -> None:
-        self.hooks.after_backward(module, self.stage, self.epoch, step_in_epoch)
+    def after_backward(self, module: torch.nn.Module, grads: list[torch.Tensor],
+                       step_in_epoch: int) -> None:
+        self.hooks.after_backward(module, grads, self.stage, self.epoch, step_in_epoch)
 
     def after_step(self, step_in_epoch: int) -> None:
         self.hooks.after_step(self.stage, self.epoch, step_in_epoch)

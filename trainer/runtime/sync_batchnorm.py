@@ -6,7 +6,8 @@ Instead, :func:`synchronize_batchnorm` gives each BN *instance* a forward that c
 mean and variance from per-rank sums all-reduced with autograd (``torch.distributed.nn``), so the
 backward pass also flows through the other ranks' statistics -- the same mathematics as
 ``SyncBatchNorm``. Sums are accumulated in float64, so the result differs from a single process
-holding the whole batch only by rounding.
+holding the whole batch only by rounding. The output is float32 (float64 for a float64 input)
+whatever the input's dtype, as the models' ``Float32BatchNorm2d``.
 
 With statistics over the global batch and the data sharded global-batch-major
 (``binaryduo.data``), ``w`` ranks with per-rank batch ``b`` compute what one rank computes with
@@ -38,7 +39,9 @@ def _global_batch_norm(self: torch.nn.modules.batchnorm._BatchNorm,
     shape = [1, channels] + [1] * (input.dim() - 2)
     scale = torch.rsqrt(var + self.eps)
     out = (wide - mean.view(shape)) * scale.view(shape)
-    out = out.to(input.dtype)
+    # float32 at least, as binaryduo.models.Float32BatchNorm2d: under bf16 autocast the
+    # pre-activations the quantizers compare with their thresholds must not be rounded to bf16
+    out = out.to(torch.promote_types(input.dtype, torch.float32))
     if self.affine:
         out = out * self.weight.view(shape) + self.bias.view(shape)
     if self.track_running_stats:
