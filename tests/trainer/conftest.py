@@ -103,3 +103,31 @@ def assert_smoke_stage_computes(metrics: dict, *, num_classes: int, val_images: 
 def smoke_stage_computes():
     """:func:`assert_smoke_stage_computes`, for the CPU and GPU smoke tests."""
     return assert_smoke_stage_computes
+
+
+@pytest.fixture(scope="session")
+def torchrun_worker():
+    """``torchrun_worker(script, nproc, *args, out=PREFIX)``: runs a test worker script on
+    ``nproc`` gloo ranks (torchrun, CPU) and returns each rank's ``PREFIX.<rank>.json``."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+
+    def launch(script: Path, nproc: int, *args, out: Path) -> list[dict]:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        with socket.socket() as sock:  # torchrun's --master_port 0 hangs the gloo rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        result = subprocess.run([str(torchrun), "--nproc_per_node", str(nproc), "--master_port",
+                                 str(port), str(script), *map(str, args)], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(nproc)]
+
+    return launch

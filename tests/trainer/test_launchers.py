@@ -23,6 +23,17 @@ BIN_DIR = Path(sys.executable).parent
 RECIPE_ARGS: list[str] = []  # the tiny recipe as is: 2 coupled + 1 fine-tune epochs of 16 steps
 
 
+_SEED_STORE = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _empty_stores(tracking_store_seeder):
+    """Launches into a new sqlite store start from an empty, migrated copy (tests/conftest.py)."""
+    _SEED_STORE.append(tracking_store_seeder)
+    yield
+    _SEED_STORE.clear()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:  # torchrun's --master_port 0 hangs the gloo rendezvous
         sock.bind(("127.0.0.1", 0))
@@ -53,6 +64,8 @@ def _launch(launcher: str, recipe: Path, out: Path, uri: str, *extra, fault: str
         raise ValueError(launcher)
     # PATH stays as it is: DeepSpeed's CPU op is rebuilt whenever the build environment changes
     env = _env(**({"BINARYDUO_FAULT": fault} if fault else {}))
+    for seed in _SEED_STORE:
+        seed(["--tracking-uri", uri], out.parent)
     return subprocess.run(command, cwd=out.parent, env=env, text=True, capture_output=True,
                           timeout=timeout)
 
@@ -272,6 +285,18 @@ def _stopped_lines(result: subprocess.CompletedProcess) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("binaryduo: run stopped")]
 
 
+def _both_ranks_stop(runs, name: str, recipe: str, *extra, fault: str) -> list[str]:
+    """Launches ``recipe`` (fp or duo) on 2 ranks with ``fault``: it must fail, every rank with
+    its ``run stopped`` line (returned)."""
+    root = runs["root"]
+    failed = _launch("torchrun", runs[recipe], root / name, f"sqlite:///{root}/{name}.db", *extra,
+                     fault=fault, timeout=300)
+    assert failed.returncode != 0
+    lines = _stopped_lines(failed)
+    assert len(lines) == 2, failed.stderr[-3000:]
+    return lines
+
+
 def test_nan_on_one_rank_stops_both_ranks_in_the_same_step(runs):
     """Rank 1 alone diverges (weights poisoned after step 3 of epoch 2); the per-step check is
     agreed by all ranks, so both stop before step 4's optimizer step instead of one of them
@@ -281,13 +306,9 @@ def test_nan_on_one_rank_stops_both_ranks_in_the_same_step(runs):
     started = time.perf_counter()
     # per-rank BatchNorm statistics: with the default global ones rank 1's NaN activations
     # reach rank 0's forward pass too, and both would see a NaN loss themselves
-    failed = _launch("torchrun", runs["fp"], root / "nan", f"sqlite:///{root}/nan.db",
-                     "--set", "deepspeed.sync_batchnorm=false", fault="nan:fp:2:3:1",
-                     timeout=300)
-    assert failed.returncode != 0
+    lines = _both_ranks_stop(runs, "nan", "fp", "--set", "deepspeed.sync_batchnorm=false",
+                             fault="nan:fp:2:3:1")
     assert time.perf_counter() - started < runs["duo_seconds"] + 60  # no collective time-out
-    lines = _stopped_lines(failed)
-    assert len(lines) == 2, failed.stderr[-3000:]
     assert any("training loss is nan at step 4 of the epoch" in line for line in lines)
     assert any("the gradients are not finite (loss " in line and "at step 4 of the epoch" in line
                for line in lines)
@@ -299,12 +320,7 @@ def test_nan_on_one_rank_stops_both_ranks_in_the_same_step(runs):
 def test_an_infinite_gradient_on_one_rank_stops_both_ranks_in_the_same_step(runs):
     """Rank 1's gradient overflows after the all-reduce (step 3 of epoch 2), its loss finite:
     both ranks stop before that step's optimizer step, with the divergence line."""
-    root = runs["root"]
-    failed = _launch("torchrun", runs["fp"], root / "inf", f"sqlite:///{root}/inf.db",
-                     fault="inf_grad:fp:2:3:1", timeout=300)
-    assert failed.returncode != 0
-    lines = _stopped_lines(failed)
-    assert len(lines) == 2, failed.stderr[-3000:]
+    lines = _both_ranks_stop(runs, "inf", "fp", fault="inf_grad:fp:2:3:1")
     assert any("the gradients are not finite (loss " in line for line in lines)
     assert any("the loss or the gradients are not finite on another rank" in line
                for line in lines)
@@ -316,29 +332,19 @@ def test_a_decoupling_check_failing_on_rank_1_stops_both_ranks_promptly(runs):
     """Rank 1's decoupled weights are off by 1e-3 (as if the engine's broadcast had not
     reached it): its check fails, rank 0's passes; the verdict is agreed, so both ranks stop
     at once with the same line instead of rank 0 fine-tuning into a collective time-out."""
-    root = runs["root"]
     started = time.perf_counter()
-    failed = _launch("torchrun", runs["duo"], root / "baddec", f"sqlite:///{root}/baddec.db",
-                     fault="bad_decouple:1:finetune", timeout=300)
+    lines = _both_ranks_stop(runs, "baddec", "duo", fault="bad_decouple:1:finetune")
     seconds = time.perf_counter() - started
-    assert failed.returncode != 0
-    lines = _stopped_lines(failed)
-    assert len(lines) == 2, failed.stderr[-3000:]
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1], lines
     assert "decoupling 'coupled' -> 'finetune' on rank 1: not exact" in lines[0], lines
     assert seconds < runs["duo_seconds"], (seconds, runs["duo_seconds"])
-    assert not (root / "baddec" / "checkpoints" / "finetune").exists()
+    assert not (runs["root"] / "baddec" / "checkpoints" / "finetune").exists()
 
 
 def test_a_checkpoint_write_failing_on_rank_0_stops_both_ranks(runs):
-    root = runs["root"]
-    failed = _launch("torchrun", runs["fp"], root / "full", f"sqlite:///{root}/full.db",
-                     fault="disk_full:fp:2", timeout=300)
-    assert failed.returncode != 0
-    lines = _stopped_lines(failed)
-    assert len(lines) == 2, failed.stderr[-3000:]
+    lines = _both_ranks_stop(runs, "full", "fp", fault="disk_full:fp:2")
     assert any("No space left on device" in line for line in lines)
     assert any("another rank could not write its part" in line for line in lines)
     assert all("the previous checkpoint epoch-0001 is intact" in line for line in lines)
-    stage = root / "full" / "checkpoints" / "fp"
+    stage = runs["root"] / "full" / "checkpoints" / "fp"
     assert sorted(p.name for p in stage.iterdir()) == ["epoch-0001", "manifest.json"]

@@ -5,41 +5,21 @@ failed before: DeepSpeed's bf16 mode held the running statistics in bf16, where 
 average stops moving within half a rounding step of its target). Dropout draws differ between
 ranks and repeat on a rerun.
 """
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 WORKER = Path(__file__).with_name("precision_worker.py")
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 pytestmark = pytest.mark.slow
-
-
-def _launch(nproc: int, *args) -> list[dict]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    with socket.socket() as sock:  # torchrun's --master_port 0 hangs the gloo rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = Path(args[-1] if args[0] == "dropout" else args[2])
-    result = subprocess.run([str(TORCHRUN), "--nproc_per_node", str(nproc), "--master_port",
-                             str(port), str(WORKER), *map(str, args)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(nproc)]
 
 
 def _max_relative(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) / max(abs(x), 1e-6) for la, lb in zip(a, b) for x, y in zip(la, lb))
 
 
-def test_bf16_keeps_batchnorm_statistics_in_float32(tmp_path, fashion_mnist):
+def test_bf16_keeps_batchnorm_statistics_in_float32(tmp_path, fashion_mnist, torchrun_worker):
     """40 steps of batch 32 at learning rate 0, fp32 and bf16 autocast: in bf16 every BN's
     running statistics are float32 (as is every tensor of the model) and within 1e-3 relative of
     a float64 moving average of the batches that BN was fed -- as in fp32. (They are not within
@@ -47,7 +27,8 @@ def test_bf16_keeps_batchnorm_statistics_in_float32(tmp_path, fashion_mnist):
     which scales a channel by up to 2^-9, its variance by up to ~4e-3.) Measured: 2.7e-7 (mean)
     and 8.9e-7 (var) in bf16, as in fp32; before the fix, bf16 buffers, model and gradient
     all-reduce, and 2.2e-2 / 5.5e-2 (the average stalls within half a bf16 step of its target)."""
-    (result,) = _launch(1, "bn", fashion_mnist, tmp_path / "bn", 40)
+    (result,) = torchrun_worker(WORKER, 1, "bn", fashion_mnist, tmp_path / "bn", 40,
+                                out=tmp_path / "bn")
     fp32, bf16 = result["fp32"], result["bf16"]
     print("BN running statistics vs a float64 average of what they were fed: "
           f"fp32 mean {fp32['mean_vs_fed']:.1e} var {fp32['var_vs_fed']:.1e}, "
@@ -60,11 +41,11 @@ def test_bf16_keeps_batchnorm_statistics_in_float32(tmp_path, fashion_mnist):
         assert run["var_vs_fed"] < 1e-3 and run["mean_vs_fed"] < 1e-3, run
 
 
-def test_dropout_masks_differ_between_ranks_and_repeat_on_a_rerun(tmp_path):
+def test_dropout_masks_differ_between_ranks_and_repeat_on_a_rerun(tmp_path, torchrun_worker):
     """AlexNet's two dropout layers on 2 gloo ranks, seeded as the runner seeds an epoch: each
     rank draws its own masks (identical masks would make dropout act on a batch world-size
     times smaller), and the same (seed, stage, epoch, rank) draws the same masks again."""
-    ranks = _launch(2, "dropout", tmp_path / "masks")
+    ranks = torchrun_worker(WORKER, 2, "dropout", tmp_path / "masks", out=tmp_path / "masks")
     for rank in ranks:
         first, again = rank["draws"]
         assert first == again  # a rerun (or a resume) draws the same masks
