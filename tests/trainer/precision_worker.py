@@ -1,12 +1,12 @@
 """Worker for test_precision, run under torchrun (gloo, CPU). Writes ``<out>.<rank>.json``.
 
 ``bn ROOT OUT STEPS``: the same STEPS Fashion-MNIST batches through the real training loop of a
-tiny coupled VGG-7, once with an fp32 engine and once with a bf16 one, learning rate 0 (so both
-see the same weights and only the arithmetic differs); reports BN running statistics, dtypes, the
-engine's gradient-reduction dtype, and how far each BN's running statistics are from a float64
-moving average of the batch statistics that BN was actually fed (its inputs, hooked). Uses only
-what the trainer had before mixed precision was reworked (make_engine, train_epoch), so the same
-worker measures the old code.
+tiny coupled VGG-7, once in fp32 and once in bf16, learning rate 0 (so both see the same weights
+and only the arithmetic differs); reports BN running statistics, dtypes, the engine's
+gradient-reduction dtype, and how far each BN's running statistics are from a float64 moving
+average of the batch statistics that BN was actually fed (its inputs, hooked). (The old code's
+numbers in test_precision were measured with this worker before make_engine lost its ``dtype``
+argument: the engine is float32 whatever the precision.)
 
 ``dropout OUT``: an AlexNet's dropout masks on this rank for (seed 7, stage 1, epoch 3), twice.
 """
@@ -37,7 +37,7 @@ def _bn_run(recipe: Recipe, ctx, dtype: torch.dtype, steps: int) -> dict:
     torch.manual_seed(0)
     model = models.build("vgg7", "coupled", width_mult=0.25, num_classes=10, in_channels=1)
     feed = DataFeed(DataSection(**{**recipe.data.model_dump(), "train_subset": 32 * steps}), ctx)
-    engine = make_engine(model, recipe.stages[0], recipe, ctx=ctx, dtype=dtype,
+    engine = make_engine(model, recipe.stages[0], recipe, ctx=ctx,
                          per_rank_batch=feed.per_rank_batch)
     bns = [m for m in engine.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     # the reference: a float64 moving average of what each BN was fed, batch by batch

@@ -225,28 +225,24 @@ LATER_KEYS_AT_DEFAULT: dict[tuple[str, ...], Any] = {
 
 
 def _drop_at_default(tree: Any, path: tuple[str, ...], default: Any) -> None:
+    """Removes the key at ``path`` (``*``: every item of a list) where it equals ``default``."""
     head, rest = path[0], path[1:]
-    children = (tree if head == "*" else []) if isinstance(tree, list) else []
-    if isinstance(tree, dict):
-        if not rest:
-            if head in tree and tree[head] == default:
-                del tree[head]
-            return
-        children = [tree[head]] if head in tree else []
+    if head == "*":
+        children = tree if isinstance(tree, list) else []
+    elif not (isinstance(tree, dict) and head in tree):
+        return
+    elif not rest:
+        if tree[head] == default:
+            del tree[head]
+        return
+    else:
+        children = [tree[head]]
     for child in children:
         _drop_at_default(child, rest, default)
 
 
 class Recipe(_Strict):
     """A complete run: ``binaryduo validate`` checks it, ``binaryduo train`` runs it."""
-
-    def identity(self) -> dict:
-        """What makes two runs the same recipe (hashed into ``recipe_hash``): the resolved
-        recipe, less keys added later while at the default they were added with."""
-        resolved = self.model_dump(mode="json")
-        for path, default in LATER_KEYS_AT_DEFAULT.items():
-            _drop_at_default(resolved, path, default)
-        return resolved
 
     #: Names the run directory ``runs/<name>-<time>`` and the MLflow parent run.
     name: RecipeName
@@ -263,3 +259,11 @@ class Recipe(_Strict):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+
+    def identity(self) -> dict:
+        """What makes two runs the same recipe (hashed into ``recipe_hash``): the resolved
+        recipe, less keys added later while at the default they were added with."""
+        resolved = self.model_dump(mode="json")
+        for path, default in LATER_KEYS_AT_DEFAULT.items():
+            _drop_at_default(resolved, path, default)
+        return resolved

@@ -19,8 +19,7 @@ def make_optimizer(model: torch.nn.Module, stage: StageSection) -> torch.optim.O
     return torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
 
 
-def deepspeed_config(recipe: Recipe, *, per_rank_batch: int, world_size: int,
-                     dtype: torch.dtype) -> dict:
+def deepspeed_config(recipe: Recipe, *, per_rank_batch: int, world_size: int) -> dict:
     return {
         "train_batch_size": per_rank_batch * world_size,
         "train_micro_batch_size_per_gpu": per_rank_batch,
@@ -36,7 +35,7 @@ def deepspeed_config(recipe: Recipe, *, per_rank_batch: int, world_size: int,
 
 
 def make_engine(model: torch.nn.Module, stage: StageSection, recipe: Recipe, *,
-                ctx: DistributedContext, dtype: torch.dtype, per_rank_batch: int):
+                ctx: DistributedContext, per_rank_batch: int):
     """``deepspeed.initialize`` around ``model`` with the stage's optimizer."""
     import deepspeed
 
@@ -50,5 +49,5 @@ def make_engine(model: torch.nn.Module, stage: StageSection, recipe: Recipe, *,
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=make_optimizer(model, stage),
         config=deepspeed_config(recipe, per_rank_batch=per_rank_batch,
-                                world_size=ctx.world_size, dtype=dtype))
+                                world_size=ctx.world_size))
     return engine

@@ -93,14 +93,22 @@ def check_data(data: DataSection, ctx: DistributedContext) -> DataCheck:
     return verdict
 
 
+def batch_split_problem(data: DataSection, world_size: int) -> str | None:
+    """Why the global batch cannot be cut into equal per-rank batches, or None."""
+    if data.batch_size % world_size:
+        return (f"data.batch_size {data.batch_size} (the global batch) does not split evenly "
+                f"over {world_size} ranks")
+    return None
+
+
 class DataFeed:
     """Train loaders per stage (epoch order a pure function of the seed) and one val loader."""
 
     def __init__(self, data: DataSection, ctx: DistributedContext, *, smoke: bool = False,
                  exclude: tuple[str, ...] = ()):
-        if data.batch_size % ctx.world_size:
-            raise ValueError(f"data.batch_size {data.batch_size} does not split evenly over "
-                             f"{ctx.world_size} ranks")
+        problem = batch_split_problem(data, ctx.world_size)
+        if problem is not None:  # train.py refuses it before this point; other callers get it here
+            raise ValueError(problem)
         self.data = data
         self.ctx = ctx
         #: unreadable files left out of both splits (``DataCheck.skipped``: the same on all ranks)

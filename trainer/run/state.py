@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from binaryduo.trainer.run.checkpoint import MANIFEST, TAG, atomic_write_text
+from binaryduo.trainer.run.checkpoint import (CheckpointCorruptError, StageCheckpoints,
+                                              atomic_write_text)
 from binaryduo.trainer.run.loop import EpochProgress
 from binaryduo.trainer.runtime.console import stderr_line
 
@@ -157,10 +158,10 @@ def world_size_refusal(run_dir: Path, stage_names: list[str], world_size: int) -
     for name in stage_names:
         stage_dir = run_dir / "checkpoints" / name
         try:
-            latest = json.loads((stage_dir / MANIFEST).read_text()).get("latest")
-        except (OSError, ValueError, AttributeError):
+            latest = StageCheckpoints(stage_dir, keep_last=1, is_main=False).latest_tag()
+        except CheckpointCorruptError:
             continue
-        if not (isinstance(latest, str) and TAG.fullmatch(latest)):
+        if latest is None:
             continue
         saved = partitioned_world_size(stage_dir / latest)
         if saved is not None and saved != world_size:

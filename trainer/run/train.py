@@ -23,12 +23,13 @@ EXIT_REFUSED = 2
 
 def _job_refusal(recipe: Recipe, ctx, resumed_dir: Path | None, dtype) -> str | None:
     """Why this recipe cannot run on this job's ranks (the same answer on every rank), or None."""
+    from binaryduo.trainer.run.feed import batch_split_problem
     from binaryduo.trainer.run.state import world_size_refusal
     from binaryduo.trainer.runtime.distributed import all_gather_objects, broadcast_object
 
-    if recipe.data.batch_size % ctx.world_size:
-        return (f"data.batch_size {recipe.data.batch_size} (the global batch) does not split "
-                f"evenly over {ctx.world_size} ranks")
+    problem = batch_split_problem(recipe.data, ctx.world_size)
+    if problem is not None:
+        return problem
     # one precision for the whole job (`auto` could resolve differently on a rank without GPU)
     precisions = all_gather_objects(str(dtype).removeprefix("torch."))
     if len(set(precisions)) > 1:

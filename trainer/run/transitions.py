@@ -48,7 +48,7 @@ class PendingDecoupling:
 def initial_weights(recipe: Recipe, index: int, model: torch.nn.Module, *,
                     output_dir: Path) -> tuple[torch.nn.Module, PendingDecoupling | None]:
     """The model stage ``index`` starts from (``model``: freshly built and seeded) and, when it
-    was decoupled, what :func:`verify_decoupling` needs once the engine holds it."""
+    was decoupled, what :func:`verify_decoupled_start` needs once the engine holds it."""
     stage = recipe.stages[index]
     if stage.init_from is None:
         return model, None
@@ -68,10 +68,10 @@ def initial_weights(recipe: Recipe, index: int, model: torch.nn.Module, *,
     return models.decouple(coupled), PendingDecoupling(coupled, chosen)
 
 
-def verify_decoupling(pending: PendingDecoupling, module: torch.nn.Module, recipe: Recipe,
-                      index: int, *, ctx: DistributedContext, dtype: torch.dtype,
-                      output_dir: Path, loaders, tracker: Tracker, run_id: str | None,
-                      faults: FaultHooks) -> dict[str, float]:
+def verify_decoupled_start(pending: PendingDecoupling, module: torch.nn.Module, recipe: Recipe,
+                           index: int, *, ctx: DistributedContext, dtype: torch.dtype,
+                           output_dir: Path, loaders, tracker: Tracker, run_id: str | None,
+                           faults: FaultHooks) -> dict[str, float]:
     """Checks ``module`` (the engine's: what will be fine-tuned) against the coupled model on
     this rank's fixed validation batch; every rank raises :class:`StageTransitionError` with the
     same line when any rank's check fails. Returns the transition's metrics, with the decoupled
