@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizers import DEFAULT_SWISHSIGN_BETA, STE, binarize_weight, quantize_activation
+from .quantizers import (DEFAULT_SWISHSIGN_BETA, STE, binarize_weight, binary_conv2d,
+                         quantize_activation)
 
 #: Copies per coupled channel after decoupling: T(y) = 1/2 [B(y - 1/4) + B(y + 1/4)].
 COPIES = 2
@@ -73,6 +74,10 @@ class QConv2d(nn.Conv2d):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_bits == 1 and self.padding_mode == "zeros":
+            # alpha * sign(W) recomputed in backward instead of kept (memory, see binary_conv2d)
+            return binary_conv2d(x, self.weight, self.per_channel_scale, self.stride,
+                                 self.padding, self.dilation, self.groups)
         return self._conv_forward(x, self.quantized_weight(), None)
 
     def extra_repr(self) -> str:

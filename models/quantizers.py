@@ -11,7 +11,9 @@ latent ``W``.
 
 Both are ``torch.autograd.Function``s that save only what their backward needs: the clipped-identity
 activation saves a boolean mask (1 byte per element) rather than its float input, and the weight
-binarizer saves nothing.
+binarizer saves nothing. A binary convolution (:func:`binary_conv2d`) goes one step further: it
+does not keep ``alpha * s(W)`` for its input gradient (``F.conv2d`` would, one weight-sized tensor
+per layer) but recomputes it from the latent ``W`` in the backward pass.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ __all__ = [
     "quantize_activation",
     "activation_ste_gradient",
     "binarize_weight",
+    "binary_conv2d",
     "weight_scale",
     "levels_for_bits",
 ]
@@ -172,19 +175,24 @@ def weight_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return weight.abs().mean()
 
 
+def _alpha_sign(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``alpha * s(W)`` as a new tensor (no autograd). One fresh buffer holds |W| (alpha is its
+    mean, the same reduction as weight_scale), then s(W) in {0, 1} -> {-1, +1}, then
+    alpha * s(W); every step is exact and vectorized, so a recomputation is bit-identical."""
+    out = torch.empty_like(weight)
+    torch.abs(weight, out=out)
+    if per_channel:
+        alpha = out.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
+    else:
+        alpha = out.mean()
+    torch.ge(weight, 0, out=out)  # s(0) = s(-0) = +1
+    return out.mul_(2).sub_(1).mul_(alpha)
+
+
 class _WeightBinarizer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, per_channel: bool):  # noqa: D102 (see binarize_weight)
-        # One fresh buffer holds |W| (alpha is its mean, the same reduction as weight_scale), then
-        # s(W) in {0, 1} -> {-1, +1}, then alpha * s(W); every step is exact and vectorized.
-        out = torch.empty_like(weight)
-        torch.abs(weight, out=out)
-        if per_channel:
-            alpha = out.mean(dim=tuple(range(1, weight.dim())), keepdim=True)
-        else:
-            alpha = out.mean()
-        torch.ge(weight, 0, out=out)  # s(0) = s(-0) = +1
-        return out.mul_(2).sub_(1).mul_(alpha)
+        return _alpha_sign(weight, per_channel)
 
     @staticmethod
     def backward(ctx, grad_output):  # noqa: D102
@@ -195,6 +203,72 @@ class _WeightBinarizer(torch.autograd.Function):
 def binarize_weight(weight: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     """``alpha * s(W)`` with s(0) = +1 and alpha = mean|W| (per layer, or per output channel)."""
     return _WeightBinarizer.apply(weight, bool(per_channel))
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a convolution of ``x`` in, or None (no cast)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or not x.is_floating_point() \
+            or x.dtype == torch.float64:  # autocast never casts float64
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+class _BinaryConv2d(torch.autograd.Function):
+    """``conv2d(x, alpha * s(W))`` that saves the input and the latent weight (a parameter,
+    resident anyway) and recomputes ``alpha * s(W)`` in backward. Autocast is applied by hand
+    exactly as it would be to ``F.conv2d`` (both operands cast to its dtype, float64 never), and
+    the backward calls the same kernel autograd calls for a convolution, so outputs and
+    gradients are bit-identical to ``F.conv2d(x, binarize_weight(W))``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, per_channel: bool, stride, padding, dilation, groups):  # noqa: D102
+        compute = _autocast_dtype(x)
+        ctx.input_dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            if compute is not None:
+                x = x.to(compute)
+            binary = _alpha_sign(weight.detach(), per_channel)
+            if compute is not None:
+                binary = binary.to(compute)
+            out = torch.nn.functional.conv2d(x, binary, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight)
+        ctx.compute, ctx.per_channel = compute, per_channel
+        ctx.conv = (stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        with torch.no_grad(), torch.autocast(grad_output.device.type, enabled=False):
+            binary = _alpha_sign(weight, ctx.per_channel)
+            if ctx.compute is not None:
+                binary = binary.to(ctx.compute)
+            grad_input, grad_binary, _ = torch.ops.aten.convolution_backward(
+                grad_output, x, binary, None, _pair(stride), _pair(padding), _pair(dilation),
+                False, [0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        if grad_input is not None:  # through autocast's cast of the input, to its dtype
+            grad_input = grad_input.to(ctx.input_dtype)
+        # straight through alpha * s(.) to the latent weight, in its own dtype (autocast's cast)
+        grad_weight = None if grad_binary is None else grad_binary.to(weight.dtype)
+        return grad_input, grad_weight, None, None, None, None, None
+
+
+def _pair(value) -> list[int]:
+    return list(value) if isinstance(value, (tuple, list)) else [value, value]
+
+
+def binary_conv2d(x: torch.Tensor, weight: torch.Tensor, per_channel: bool = False, stride=1,
+                  padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
+    """``F.conv2d(x, binarize_weight(weight, per_channel), ...)``, bit for bit, without keeping
+    the binarized weight for backward. Outside autograd (no gradient needed, or under a
+    ``torch.func`` transform such as the mismatch analysis's vmap) it is exactly that composite."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) \
+            or torch._C._are_functorch_transforms_active():
+        return torch.nn.functional.conv2d(x, binarize_weight(weight, per_channel), None, stride,
+                                          padding, dilation, groups)
+    return _BinaryConv2d.apply(x, weight, bool(per_channel), stride, padding, dilation, groups)
 
 
 def levels_for_bits(bits: int) -> int:

@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from binaryduo.models import STE, activation_ste_gradient, binarize_weight, quantize_activation
 from binaryduo.models.layers import ActQuant, QConv2d, clip_latent_weights_
@@ -170,3 +171,39 @@ def test_latent_clip_applies_only_when_asked():
     clip_latent_weights_(net)
     assert torch.all(clipped.weight == 0.1)
     assert torch.all(free.weight == 0.5)
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.float32, True),
+                                            (torch.float64, False), (torch.float64, True)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_binary_conv_recomputes_the_binarized_weight_bit_for_bit(dtype, autocast, per_channel):
+    """QConv2d's binary path (alpha * s(W) recomputed in backward) gives exactly the outputs and
+    gradients of F.conv2d on binarize_weight(W) -- under bf16 autocast too (float64 is never
+    cast) -- and autograd keeps no weight-sized tensor beyond the parameter itself."""
+    generator = torch.Generator().manual_seed(3)
+    conv = QConv2d(6, 8, 3, stride=2, padding=1, per_channel_scale=per_channel).to(dtype)
+    images = torch.randn(4, 6, 9, 9, dtype=dtype, generator=generator)
+    upstream = torch.randn(4, 8, 5, 5, generator=generator)
+    results = []
+    for recompute in (False, True):
+        x = images.clone().requires_grad_()
+        conv.zero_grad()
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = conv(x) if recompute else F.conv2d(
+                x, binarize_weight(conv.weight, per_channel), None, 2, 1)
+        out.backward(upstream.to(out.dtype))
+        results.append((out, x.grad, conv.weight.grad.clone()))
+        weight_sized = [t for t in saved if t.shape == conv.weight.shape
+                        and t.data_ptr() != conv.weight.data_ptr()]
+        assert bool(weight_sized) is (not recompute)  # F.conv2d keeps the binarized copy
+    for reference, recomputed in zip(*results):
+        assert reference.dtype == recomputed.dtype
+        assert torch.equal(reference, recomputed)
+    assert results[0][0].dtype == (torch.bfloat16 if autocast and dtype == torch.float32 else dtype)
