@@ -206,8 +206,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(reference, ru
 
 
 def test_an_infinite_gradient_stops_the_run_like_a_nan_loss(reference, run_binaryduo):
-    """An overflowing gradient with a finite loss (step 5 of epoch 2): the step is not taken
-    (no silent skip either), the run stops with the divergence line, keeps epoch 1, FAILED."""
+    """An overflowing gradient with a finite loss (step 5 of epoch 2): the run stops at that
+    step (no silent skip) with the divergence line, keeps epoch 1, FAILED."""
     recipe, straight = reference
     root = recipe.parent
     error = stops_with_one_line(run_binaryduo, recipe, "inf", "inf_grad:coupled:2:5")

@@ -299,7 +299,7 @@ def _both_ranks_stop(runs, name: str, recipe: str, *extra, fault: str) -> list[s
 
 def test_nan_on_one_rank_stops_both_ranks_in_the_same_step(runs):
     """Rank 1 alone diverges (weights poisoned after step 3 of epoch 2); the per-step check is
-    agreed by all ranks, so both stop before step 4's optimizer step instead of one of them
+    agreed by all ranks, so both stop at step 4 instead of one of them
     waiting in a collective. Rank 1 sees its NaN loss; rank 0 its gradients, made NaN by the
     all-reduce with rank 1's."""
     root = runs["root"]
@@ -319,7 +319,7 @@ def test_nan_on_one_rank_stops_both_ranks_in_the_same_step(runs):
 
 def test_an_infinite_gradient_on_one_rank_stops_both_ranks_in_the_same_step(runs):
     """Rank 1's gradient overflows after the all-reduce (step 3 of epoch 2), its loss finite:
-    both ranks stop before that step's optimizer step, with the divergence line."""
+    both ranks stop at that step, with the divergence line."""
     lines = _both_ranks_stop(runs, "inf", "fp", fault="inf_grad:fp:2:3:1")
     assert any("the gradients are not finite (loss " in line for line in lines)
     assert any("the loss or the gradients are not finite on another rank" in line

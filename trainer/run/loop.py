@@ -5,14 +5,16 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from binaryduo.models import clip_latent_weights_
 
-from binaryduo.trainer.run.precision import compute_precision
-from binaryduo.trainer.runtime.distributed import DistributedContext, all_reduce_sum, any_rank
+from binaryduo.trainer.run.precision import compute_precision, to_device
+from binaryduo.trainer.runtime.distributed import DistributedContext, all_reduce_sum
 from binaryduo.trainer.runtime.faults import NO_FAULTS, EpochFaults
 
 
@@ -81,13 +83,54 @@ def _all_finite(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     return finite
 
 
-def _divergence(loss: torch.Tensor, grads: list[torch.Tensor], step_in_epoch: int,
+class StopSignal(Protocol):
+    """What the loop asks at every step (:class:`binaryduo.trainer.runtime.preemption.Preemption`):
+    this rank's request (0 none, 1 stop, 2 stop and requeue; no collective) and, once the ranks
+    agreed, the agreed one."""
+
+    def local_code(self) -> int: ...
+
+    def agree(self, code: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepVerdict:
+    """The one decision of a step, agreed by every rank, with the rank-mean loss for display."""
+
+    diverged: bool   # the loss or a gradient was not finite on some rank
+    stop_code: int   # a preemption request reached some rank: 2 requeue, 1 stop, 0 none
+    mean_loss: float
+
+
+def agree_on_step(finite: torch.Tensor, loss: torch.Tensor, stop_code: int,
+                  device: torch.device) -> StepVerdict:
+    """One small all-reduce and one device-to-host read per step: the stop decision (divergence
+    on any rank, preemption on any rank) and the mean loss (the progress bar's, for free).
+
+    Built with device ops only (``fill_`` takes the Python scalar as a kernel argument), so
+    nothing waits for the device before the read itself. Sums: a flag is set when its sum is
+    positive; requeue (2) wins over stop (1) as in :class:`Preemption`."""
+    votes = torch.zeros(4, dtype=torch.float64, device=device)
+    votes[0] = (~finite).to(torch.float64)
+    votes[1].fill_(float(stop_code == 1))
+    votes[2].fill_(float(stop_code == 2))
+    votes[3] = loss.detach().to(torch.float64)
+    world = 1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(votes)
+        world = dist.get_world_size()
+    diverged, stop, requeue, loss_sum = votes.tolist()  # the step's one host sync
+    return StepVerdict(diverged=diverged > 0, stop_code=2 if requeue > 0 else int(stop > 0),
+                       mean_loss=loss_sum / world)
+
+
+def _divergence(loss: torch.Tensor, finite_here: bool, step_in_epoch: int,
                 global_step: int) -> str:
     """Why this rank stops (the stop decision was agreed; this is only its reason)."""
     value = loss.item()
     if not math.isfinite(value):
         why = f"training loss is {value}"
-    elif grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+    elif not finite_here:
         why = f"the gradients are not finite (loss {value:.4g})"
     else:
         why = "the loss or the gradients are not finite on another rank"
@@ -97,11 +140,10 @@ def _divergence(loss: torch.Tensor, grads: list[torch.Tensor], step_in_epoch: in
 def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: torch.dtype,
                 lr_at: Callable[[int], float], first_step: int, log_every: int,
                 on_log: Callable[[int, dict[str, float]], None], progress=None,
-                resumed: EpochProgress | None = None,
-                stop: Callable[[], bool] | None = None,
+                resumed: EpochProgress | None = None, stop: StopSignal | None = None,
                 faults: EpochFaults = NO_FAULTS.at_epoch("", 0)) -> EpochProgress:
     """Trains ``engine`` over ``loader`` (the rest of an epoch); returns this rank's sums, with
-    ``stopped`` set when ``stop()`` -- asked after every step -- said so.
+    ``stopped`` set when a preemption request (``stop``, asked at every step) reached any rank.
 
     ``first_step`` is the global step of the loader's first batch and ``resumed`` the sums of
     the steps an interrupted attempt already did. The LR is set from ``lr_at(global step)``
@@ -112,9 +154,13 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
     ``dtype`` bf16 runs the forward pass under bf16 autocast (:func:`compute_precision`); the
     weights, gradients and optimizer stay float32.
 
-    A non-finite loss or gradient on any rank raises ``FloatingPointError`` on every rank before
-    the optimizer step (nothing is stepped with it, never a silently skipped step): one decision
-    per step, agreed by all ranks in one small all-reduce. ``faults`` is called at its named
+    One host-device synchronisation per step (:func:`agree_on_step`): whether the loss and
+    every gradient were finite (computed before the optimizer step, on the gradients it
+    applies), whether a preemption signal arrived, and the loss to display, in one all-reduce
+    after the optimizer step, so the device never waits for the host in between. A non-finite
+    loss or gradient on any rank raises ``FloatingPointError`` on every rank at that step; the
+    step was applied to this engine's weights, which are therefore never checkpointed (the run
+    stops; the last checkpoint holds the last good weights). ``faults`` is called at its named
     points (after the backward pass, after the step; see :mod:`binaryduo.trainer.runtime.faults`).
     """
     engine.train()
@@ -132,33 +178,36 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
         for group in engine.optimizer.param_groups:
             group["lr"] = sums.lr
         with compute_precision(dtype, ctx.device):
-            logits = engine(inputs.to(ctx.device, non_blocking=True))
+            logits = engine(to_device(inputs, ctx.device))
         loss = F.cross_entropy(logits.float(), labels.to(ctx.device))
         engine.backward(loss)
         grads = gradients(engine)
         faults.after_backward(engine.module, grads, sums.steps + 1)
-        # every rank takes the same decision (a rank that stopped alone would leave the others
-        # waiting in the next collective)
-        if any_rank(~_all_finite(loss, grads), ctx.device):
-            raise FloatingPointError(_divergence(loss, grads, sums.steps + 1, step + 1))
+        finite = _all_finite(loss, grads)  # before the step: ZeRO 1 frees its partitions in it
         engine.step()
         clip_latent_weights_(engine.module)
         loss_sum += loss.detach().to(torch.float64)
         sums.images += labels.shape[0]
         sums.steps += 1
         step += 1
+        faults.after_step(sums.steps)
+        # every rank takes the same decision (a rank that stopped alone would leave the others
+        # waiting in the next collective)
+        verdict = agree_on_step(finite, loss, stop.local_code() if stop else 0, ctx.device)
+        if verdict.diverged:
+            raise FloatingPointError(_divergence(loss, bool(finite), sums.steps, step))
         if progress is not None:
             progress.update(1)
             elapsed = time.perf_counter() - started
             progress.set_postfix(
-                loss=f"{loss.item():.3f}",
+                loss=f"{verdict.mean_loss:.3f}",
                 img_s=f"{(sums.images - images_before) * ctx.world_size / max(elapsed, 1e-9):.0f}",
                 refresh=False)
         if log_every and step % log_every == 0:
-            on_log(step, {"train_loss_step": float(loss.item()), "lr": sums.lr})
+            on_log(step, {"train_loss_step": verdict.mean_loss, "lr": sums.lr})
         fetch_started = time.perf_counter()
-        faults.after_step(sums.steps)
-        if stop is not None and stop():
+        if verdict.stop_code:
+            stop.agree(verdict.stop_code)
             sums.stopped = True
             break
     sums.seconds += time.perf_counter() - started
@@ -187,7 +236,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, *, ctx: DistributedContex
         inputs, labels, valid = _split(batch)
         labels = labels.to(ctx.device)
         with compute_precision(dtype, ctx.device):
-            logits = model(inputs.to(ctx.device)).float()
+            logits = model(to_device(inputs, ctx.device)).float()
         if valid is not None:
             keep = valid.to(ctx.device).bool()
             logits, labels = logits[keep], labels[keep]

@@ -30,6 +30,7 @@ from binaryduo.trainer.run.checkpoint import StageCheckpoints, atomic_write_text
 from binaryduo.trainer.run.deepspeed_engine import make_engine
 from binaryduo.trainer.run.loop import (EpochProgress, EpochStats, EvalStats, epoch_stats, evaluate,
                                         train_epoch)
+from binaryduo.trainer.run.precision import memory_format
 from binaryduo.trainer.run.progress import progress_bar, summary_line
 from binaryduo.trainer.run.schedules import learning_rate
 from binaryduo.trainer.run.state import (ResumePoint, RunState, StageResult, rng_states,
@@ -140,7 +141,7 @@ class StageRunner:
         pending = None
         if latest is None:
             model, pending = initial_weights(recipe, index, model, output_dir=self.output_dir)
-        model.to(ctx.device)
+        model.to(ctx.device, memory_format=memory_format(ctx.device))
         if recipe.deepspeed.sync_batchnorm and ctx.world_size > 1:
             synchronize_batchnorm(model)
         stage.engine = make_engine(model, spec, recipe, ctx=ctx,
@@ -181,7 +182,7 @@ class StageRunner:
                 log_every=recipe.logging.every_steps,
                 on_log=lambda step, m: self.tracker.log_metrics(stage.run_id, m, step),
                 progress=progress, resumed=resumed.sums if resumed else None,
-                stop=self.stop_requested if self.preemption is not None else None,
+                stop=self.preemption,
                 faults=self.faults.at_epoch(stage.name, epoch + 1))
         except FloatingPointError as error:
             raise FloatingPointError(stage.divergence(epoch, error)) from None
@@ -191,10 +192,6 @@ class StageRunner:
         if sums.stopped and sums.steps < stage.steps_per_epoch:
             self.stop_for_preemption(stage, epoch, sums.steps, sums)
         return sums
-
-    def stop_requested(self) -> bool:
-        """Asked after every step: a preemption signal reached any rank (all ranks agree)."""
-        return self.preemption.requested(self.ctx.device)
 
     def check_and_synchronize(self, stage: ActiveStage, epoch: int) -> None:
         """Before the epoch's model is evaluated or checkpointed: finite weights, one set of BN

@@ -98,12 +98,13 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
     from binaryduo.trainer.run.runner import run_recipe
     from binaryduo.trainer.run.state import RunState
     from binaryduo.trainer.runtime.distributed import broadcast_object, init_distributed, teardown
-    from binaryduo.trainer.run.precision import resolve_dtype
+    from binaryduo.trainer.run.precision import resolve_dtype, tune_kernels
     from binaryduo.trainer.run.feed import DataFeed, check_data
     from binaryduo.trainer.tracking.provenance import (code_version, code_version_tag, hardware,
                                                        package_versions, recipe_hash)
 
     ctx = init_distributed()
+    tune_kernels(ctx.device)
     clean = False
     try:
         if ctx.is_main:

@@ -47,18 +47,27 @@ class Preemption:
         if self.signal != REQUEUE_SIGNAL:  # USR1 (requeue) wins over TERM when both arrive
             self.signal = signum
 
+    def local_code(self) -> int:
+        """This rank's request, no collective: 0 none, 1 stop (TERM), 2 stop and requeue (USR1).
+        The training loop agrees it with the other ranks in its per-step all-reduce."""
+        return {None: 0, STOP_SIGNAL: 1, REQUEUE_SIGNAL: 2}[self.signal]
+
+    def agree(self, code: int) -> None:
+        """Adopts the ranks' agreed request (the highest code), so every rank stops alike."""
+        if code:
+            self.signal = REQUEUE_SIGNAL if code == 2 else STOP_SIGNAL
+
     def requested(self, device) -> bool:
-        """Whether any rank received a signal (every rank gets the same answer)."""
+        """Whether any rank received a signal (every rank gets the same answer; one all-reduce)."""
         import torch  # here, not at import: the handlers are installed before torch loads
         import torch.distributed as dist
 
-        code = {None: 0, STOP_SIGNAL: 1, REQUEUE_SIGNAL: 2}[self.signal]
+        code = self.local_code()
         if dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([code], dtype=torch.int32, device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             code = int(flag.item())
-        if code:
-            self.signal = REQUEUE_SIGNAL if code == 2 else STOP_SIGNAL
+        self.agree(code)
         return code > 0
 
     @property
