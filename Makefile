@@ -37,10 +37,12 @@ demo: install
 # Two pytest-xdist workers, one OpenMP thread per process: the suite is mostly short real
 # processes (start-up bound), and two 2-thread torch processes on 2 cores spin against each other
 # (measured: two tiny training runs side by side take 34 s with 2 threads each, 14 s with 1).
-# tests/conftest.py keeps each module on one worker and starts the longest ones first.
+# tests/conftest.py keeps each module on one worker and starts the longest ones first; pytest-xdist
+# would otherwise reorder the modules by test count (--loadscope-reorder, its default), which ran
+# the few-test, minutes-long modules (launchers, crash tests, Slurm) last, on one busy worker.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 bench: install
 	$(PY) benchmarks/quantizer_overhead.py

@@ -360,7 +360,9 @@ SPREAD_TESTS = {"test_smoke_every_recipe"}
 COMPARE_SMOKES = {("recipes/cifar10/vgg7_bnn.yaml", "bf16"),
                   ("recipes/cifar10/vgg7_binaryduo.yaml", "bf16")}
 #: The longest groups (minutes each, measured), started first and on alternate workers so that
-#: both workers finish together; then the recipe smokes, then the rest in collection order.
+#: both workers finish together; then the recipe smokes, then the rest in collection order. (The
+#: scheduler keeps this order only with --no-loadscope-reorder, as `make test` runs it: by default
+#: pytest-xdist sorts the groups by their number of tests, and these few-test groups ran last.)
 LONGEST_FIRST = ["tiny-runs", "tests/trainer/test_launchers.py",
                  "tests/reliability/test_tracking_faults.py", "tests/slurm/test_slurm_cluster.py",
                  "tests/trainer/test_compare.py"]
