@@ -14,12 +14,15 @@ pipelines (``mixed`` JPEG decode, ``device_id`` = the CUDA device index, normall
 when it is True; ``device=`` overrides the choice.
 
 This module decides which samples each rank reads, in what order and with which seeds; the DALI
-graph that reads, decodes and transforms them is :mod:`.dali_graph`.
+graph that reads, decodes and transforms them is :mod:`.dali_graph`, and :mod:`.dali_runner`
+runs it. A loader builds one DALI pipeline, on its first iteration, and reuses it for every
+epoch and evaluation pass (:attr:`Loader.pipelines_built`): a pipeline build costs ~1.7 s on a
+GPU.
 
 Sharding is done here, not by DALI's reader (``shard_id``/``num_shards``): every epoch the
-loader computes each rank's exact list of samples and builds a pipeline that reads that list
-(``fn.readers.file(files=..., labels=...)``, or an ``fn.external_source`` over the shard arrays).
-This makes the guarantees explicit and testable (:meth:`Loader.epoch_indices`):
+loader computes each rank's exact list of samples and feeds that list, batch by batch, to its
+pipeline (``fn.external_source`` nodes: image paths read by ``fn.io.file.read``, or the shard's
+arrays). This makes the guarantees explicit and testable (:meth:`Loader.epoch_indices`):
 
 - train: a permutation of the dataset seeded by ``(seed, epoch)`` -- the same on every rank -- is
   cut into global batches of ``batch_size * world_size`` samples, and rank ``r`` takes the ``r``-th
@@ -34,10 +37,14 @@ This makes the guarantees explicit and testable (:meth:`Loader.epoch_indices`):
   every image exactly once while all ranks still run the same number of steps.
 - augmentation randomness. ``small`` preset on a shard: the crop offsets and flips are drawn per
   *sample*, from ``(seed, epoch, dataset index)``, and fed to DALI -- independent of the rank, the
-  world size and where an epoch was resumed. File formats (``imagenet`` preset): DALI's fused
-  random-crop decoder draws from the pipeline seed ``(seed, epoch, rank)``; a loader positioned
-  mid-epoch rebuilds the epoch's pipeline and discards the batches before its position (decoded,
-  not used), so a resumed epoch continues with exactly the crops an uninterrupted one would use.
+  world size and where an epoch was resumed. File formats (either preset), and the
+  ``imagenet`` preset on a shard: DALI's random operators (the fused random-crop decoder, the
+  small preset's offsets, the flips) draw from the pipeline seed ``(seed, epoch, rank)`` -- before each epoch the reused
+  pipeline's random operators are restored to the state a pipeline built with that seed starts
+  in (:mod:`.dali_runner`), so every epoch draws what a pipeline built for it would. A loader
+  positioned mid-epoch replays the epoch from its start and discards the batches before its
+  position (decoded, not used), so a resumed epoch continues with exactly the crops an
+  uninterrupted one would use.
   Either way :meth:`Loader.set_epoch` / :meth:`Loader.load_state_dict` re-create any epoch, or the
   rest of one, bit for bit from the seed alone.
 
@@ -55,8 +62,9 @@ Presets (``image_size`` S defaults to 224 / 32):
 Outputs are normalized as ``(pixel / 255 - mean) / std`` per channel, float32, NCHW. Batches are
 handed over without a copy (DLPack from an ``exec_dynamic`` pipeline: DALI does not reuse a buffer
 while it is referenced), and exactly one epoch's batches are scheduled -- DALI's own iterators
-decode ``prefetch_queue_depth`` batches past the end of every epoch, which the per-epoch pipeline
-would throw away.
+decode ``prefetch_queue_depth`` batches past the end of every epoch, which would run the reused
+pipeline ahead into the wrong order. An iteration stopped early (``break``) finishes the up to
+two batches it had scheduled when it is closed, so the next one starts from an idle pipeline.
 """
 from __future__ import annotations
 
@@ -69,7 +77,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .dali_graph import augmentation_keys, epoch_pipeline, to_torch
+from .dali_graph import GraphConfig, augmentation_keys, to_torch
+from .dali_runner import EpochRunner
 from .layout import FileSplit, LayoutError, detect_format, list_split
 from .shard import read_manifest
 
@@ -232,6 +241,7 @@ class Loader:
             self.samples_per_rank = math.ceil(n / world_size)  # padded to this on every rank
             self._steps = math.ceil(self.samples_per_rank / bs)
         self._epoch, self._step = 0, 0
+        self._dali: EpochRunner | None = None  # built on first iteration, kept
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -324,35 +334,30 @@ class Loader:
         replayed = self.train and self.spec.augment and not self._keyed_augmentation
         skip = start if replayed else 0
         indices, valid = indices[(start - skip) * bs:], valid[(start - skip) * bs:]
-        steps = math.ceil(len(indices) / bs)
-        if steps == 0:
+        if len(indices) == 0:
             return
-        # Exactly `steps` iterations are scheduled: nothing is decoded past the end of the epoch
-        # (DALI's iterators prefetch `prefetch_queue_depth` batches beyond it).
-        depth = min(2, steps)
-        pipe = self._epoch_pipeline(indices, epoch, depth)
+        keys = (augmentation_keys(self.seed, epoch, len(self.labels))
+                if self._keyed_augmentation else None)
         valid_t = torch.from_numpy(valid).to(self.device)
-        try:
-            pipe.schedule_run()  # the first call schedules `depth` iterations
-            scheduled = depth
-            for k in range(steps):
-                images, labels = pipe.outputs()
-                if scheduled < steps:
-                    pipe.schedule_run()
-                    scheduled += 1
-                if k < skip:
-                    continue
-                n = min(bs, len(indices) - k * bs)  # the last batch is padded to full size
-                images, labels = to_torch(images)[:n], to_torch(labels).reshape(-1)[:n].long()
-                step = start - skip + k
-                self._epoch, self._step = ((epoch + 1, 0) if step + 1 == self._steps
-                                           else (epoch, step + 1))
-                if self.train:
-                    yield Batch(images, labels)
-                else:
-                    yield EvalBatch(images, labels, valid_t[k * bs:k * bs + n])
-        finally:
-            del pipe
+        batches = self._runner().batches(indices, keys, self._pipeline_seed(epoch))
+        for k, (images, labels) in enumerate(batches):
+            if k < skip:
+                continue
+            n = min(bs, len(indices) - k * bs)  # the last batch is padded to full size
+            images, labels = to_torch(images)[:n], to_torch(labels).reshape(-1)[:n].long()
+            step = start - skip + k
+            self._epoch, self._step = ((epoch + 1, 0) if step + 1 == self._steps
+                                       else (epoch, step + 1))
+            if self.train:
+                yield Batch(images, labels)
+            else:
+                yield EvalBatch(images, labels, valid_t[k * bs:k * bs + n])
+
+    @property
+    def pipelines_built(self) -> int:
+        """DALI pipelines this loader has built: 1 once it has iterated, however many epochs
+        (more only after a DALI error, or where the installed DALI cannot be re-seeded)."""
+        return 0 if self._dali is None else self._dali.builds
 
     @property
     def _keyed_augmentation(self) -> bool:
@@ -392,18 +397,20 @@ class Loader:
         return mean, std
 
     # -------------------------------------------------------------------------------- pipeline
-    def _epoch_pipeline(self, indices: np.ndarray, epoch: int, depth: int):
-        """The DALI pipeline reading ``indices`` of ``epoch``, ``depth`` batches scheduled ahead."""
-        spec = self.spec
-        keys = (augmentation_keys(self.seed, epoch, len(self.labels))
-                if self._keyed_augmentation else None)
-        return epoch_pipeline(
-            indices, files=self._files, shard_images=self._images, dataset_labels=self.labels,
-            keys=keys, preset=spec.preset, augment=self.train and spec.augment,
-            channels=self.channels, stored_channels=self._stored_channels,
-            image_size=self.image_size, mean=self.mean, std=self.std, batch_size=spec.batch_size,
-            num_threads=spec.num_threads, device_id=self._device_id,
-            seed=self._pipeline_seed(epoch), depth=depth)
+    def _runner(self) -> EpochRunner:
+        """The rank's DALI pipeline runner, created on first use and kept for every epoch."""
+        if self._dali is None:
+            spec = self.spec
+            config = GraphConfig(
+                preset=spec.preset, augment=self.train and spec.augment,
+                keyed=self._keyed_augmentation, from_files=self._files is not None,
+                channels=self.channels, stored_channels=self._stored_channels,
+                image_size=self.image_size, mean=self.mean, std=self.std,
+                batch_size=spec.batch_size, num_threads=spec.num_threads,
+                device_id=self._device_id)
+            self._dali = EpochRunner(config, files=self._files, shard_images=self._images,
+                                     dataset_labels=self.labels)
+        return self._dali
 
 
 def _without(listing: FileSplit, root, exclude: frozenset[str],
