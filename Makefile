@@ -48,6 +48,8 @@ bench: install
 	$(PY) benchmarks/quantizer_overhead.py
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/preresize.py
+	# sized for a GPU (batch 256, 224 px); without CUDA its --quick smoke
+	$(PY) benchmarks/train_throughput.py $$($(PY) -c 'import torch; print("" if torch.cuda.is_available() else "--quick")')
 
 clean:
 	rm -rf $(VENV) build *.egg-info
