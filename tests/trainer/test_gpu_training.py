@@ -33,12 +33,19 @@ GPU_RECIPES = {
 }
 
 
-@pytest.mark.parametrize("recipe", list(GPU_RECIPES), ids=str)
-def test_recipe_trains_on_the_gpu_with_nccl_and_bf16(recipe, tmp_path, request,
+#: Also compiled (the recipe key ``compile``: inductor on CUDA, under bf16 autocast).
+COMPILED = ["recipes/cifar10/vgg7_binaryduo.yaml"]
+
+
+@pytest.mark.parametrize("recipe,compiled", [
+    *[pytest.param(r, False, id=r) for r in GPU_RECIPES],
+    *[pytest.param(r, True, id=f"{r}-compiled") for r in COMPILED]])
+def test_recipe_trains_on_the_gpu_with_nccl_and_bf16(recipe, compiled, tmp_path, request,
                                                      smoke_stage_computes):
     from mlflow.tracking import MlflowClient
 
     fixture, variable, sets = GPU_RECIPES[recipe]
+    sets = [*sets, "compile=true"] if compiled else sets
     env = {**os.environ, variable: str(request.getfixturevalue(fixture))}
     env.pop("DS_ACCELERATOR", None)  # let DeepSpeed find the GPU, as a user's run does
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -71,8 +78,10 @@ def test_recipe_trains_on_the_gpu_with_nccl_and_bf16(recipe, tmp_path, request,
                              val_images=int(parent.data.params["data.batch_size"]))
     # bf16 is mixed precision: everything written is float32 (weights and BN statistics)
     for path in (tmp_path / "run").glob("checkpoints/*/epoch-*/model_state.pt"):
-        dtypes = {t.dtype for t in torch.load(path, weights_only=True).values()}
+        state = torch.load(path, weights_only=True)
+        dtypes = {t.dtype for t in state.values()}
         assert dtypes <= {torch.float32, torch.int64}, (path, dtypes)
+        assert not any(key.startswith("_orig_mod.") for key in state), path  # compiled in place
     finetune = [s for s in stages if "decouple_max_abs_dlogit_f64" in s.data.metrics]
     assert finetune, "the decouple transition ran"
     for stage in finetune:  # decoupling is checked in float64, whatever the training precision

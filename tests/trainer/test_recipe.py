@@ -196,8 +196,9 @@ def test_shipped_recipes_pass_schema_only(recipe, monkeypatch, capsys):
 
 
 def test_a_key_added_later_changes_no_recipe_identity_while_at_its_default(tmp_path):
-    """Runs started before ``decouple_flip_tolerance`` existed resume (same recipe hash) as long
-    as the recipe leaves it at its default; set to anything else, it is part of the recipe."""
+    """Runs started before ``decouple_flip_tolerance`` or ``compile`` existed resume (same recipe
+    hash) as long as the recipe leaves them at their default; set to anything else, they are part
+    of the recipe."""
     from binaryduo.trainer.recipe import load_recipe
     from binaryduo.trainer.tracking.provenance import recipe_hash
 
@@ -209,3 +210,9 @@ def test_a_key_added_later_changes_no_recipe_identity_while_at_its_default(tmp_p
     changed = load_recipe(path, ["stages.finetune.decouple_flip_tolerance=0.01"])
     assert changed.identity()["stages"][1]["decouple_flip_tolerance"] == 0.01
     assert recipe_hash(changed.identity()) != recipe_hash(plain.identity())
+    # ``compile`` (top level) likewise: absent from the identity while false
+    assert "compile" not in plain.identity() and plain.model_dump()["compile"] is False
+    compiled = load_recipe(path, ["compile=true"])
+    assert compiled.compile is True and compiled.identity()["compile"] is True
+    assert recipe_hash(compiled.identity()) != recipe_hash(plain.identity())
+    assert load_recipe(path, ["compile=false"]).identity() == plain.identity()

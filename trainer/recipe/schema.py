@@ -221,6 +221,7 @@ def _no_fp16(value: Any) -> Any:
 #: before the key existed still resumes (its ``run_state.json`` holds the hash without the key).
 LATER_KEYS_AT_DEFAULT: dict[tuple[str, ...], Any] = {
     ("stages", "*", "decouple_flip_tolerance"): 1e-4,
+    ("compile",): False,
 }
 
 
@@ -253,6 +254,14 @@ class Recipe(_Strict):
     #: optimizer state, BN statistics, gradient reduction and checkpoints; the forward pass under
     #: bf16 autocast, with BatchNorm and the quantizer thresholds in float32.
     precision: Annotated[Literal["auto", "fp32", "bf16"], BeforeValidator(_no_fp16)] = "auto"
+    #: ``torch.compile`` the model every stage trains (and evaluates), in place, as DeepSpeed's
+    #: ``engine.compile()`` does (default inductor backend), so checkpoints keep their keys.
+    #: Top level beside ``precision``: like it, how the same model is executed, not how it is
+    #: distributed. Part of the recipe's identity when true: inductor reorders reductions
+    #: (alpha = mean|W| and BN statistics differ by ulps, enough to flip a near-tie of a
+    #: threshold or max-pool), so a compiled run does not reproduce an eager one bit for bit.
+    #: On several ranks with ``deepspeed.sync_batchnorm`` every BN's all-reduce breaks the graph.
+    compile: bool = False
     model: ModelSection
     data: DataSection
     stages: list[StageSection] = Field(min_length=1)

@@ -36,7 +36,8 @@ def deepspeed_config(recipe: Recipe, *, per_rank_batch: int, world_size: int) ->
 
 def make_engine(model: torch.nn.Module, stage: StageSection, recipe: Recipe, *,
                 ctx: DistributedContext, per_rank_batch: int):
-    """``deepspeed.initialize`` around ``model`` with the stage's optimizer."""
+    """``deepspeed.initialize`` around ``model`` with the stage's optimizer; with the recipe's
+    ``compile``, the engine's module compiled in place."""
     import deepspeed
 
     model.to(ctx.device)
@@ -50,4 +51,10 @@ def make_engine(model: torch.nn.Module, stage: StageSection, recipe: Recipe, *,
         model=model, optimizer=make_optimizer(model, stage),
         config=deepspeed_config(recipe, per_rank_batch=per_rank_batch,
                                 world_size=ctx.world_size))
+    if recipe.compile:
+        # ``module.compile()`` in place (inductor), not ``torch.compile(model)`` before
+        # ``initialize``: the engine keeps the module itself, so its state dict -- DeepSpeed's
+        # checkpoint files, model_state.pt, resume, the decoupling check -- has no ``_orig_mod.``
+        # keys. Training and evaluation forward passes both run compiled (a graph per mode).
+        engine.compile()
     return engine
