@@ -37,9 +37,7 @@ Run:  .venv/bin/python benchmarks/data_pipeline.py [--images 320] [--batch 32] [
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -48,36 +46,16 @@ from pathlib import Path
 
 import torch
 
+from photos import baseline_jpeg, foolbox_photos, write_tree
+
 from binaryduo.data.pipelines import IMAGENET_MEAN, IMAGENET_STD, LoaderSpec, build_loader
 
 
-def foolbox_photos() -> list[Path]:
-    spec = importlib.util.find_spec("foolbox")  # located, not imported
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("foolbox 3.3.4 is needed for its ImageNet photos: "
-                 "pip install --no-deps foolbox==3.3.4 (or pass --root DIR)")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    return sorted(data.glob("imagenet_*.jpg"))
-
-
 def build_tree(root: Path, images: int, baseline: bool, classes: int = 10) -> None:
-    from PIL import Image
     photos = foolbox_photos()
-    sources = []
-    for k, photo in enumerate(photos):
-        if baseline:
-            target = root / ".sources" / f"{k:02d}.jpg"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(photo) as image:
-                image.convert("RGB").save(target, "JPEG", quality=90)  # baseline, 4:2:0
-            sources.append(target)
-        else:
-            sources.append(photo)
-    for split in ("train", "val"):
-        for k in range(images):
-            folder = root / split / f"n{k % classes:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(sources[k % len(sources)], folder / f"{k:05d}.JPEG")
+    sources = [baseline_jpeg(p, root / ".sources" / f"{k:02d}.jpg") for k, p in enumerate(photos)] \
+        if baseline else photos
+    write_tree(root, sources, images, classes=classes)
 
 
 def dali_epochs(root: Path, train: bool, batch: int, workers: int):

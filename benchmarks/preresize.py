@@ -22,7 +22,6 @@ Run:  .venv/bin/python benchmarks/preresize.py [--images 256] [--batch 32] [--th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -32,36 +31,21 @@ from pathlib import Path
 
 import torch
 
+from photos import baseline_jpeg, foolbox_photos, write_tree
+
 from binaryduo.data.imagenet import prepare_resized
 from binaryduo.data.pipelines import LoaderSpec, build_loader
 
 
-def foolbox_photos() -> list[Path]:
-    spec = importlib.util.find_spec("foolbox")  # located, not imported
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("foolbox 3.3.4 is needed for its ImageNet photos: "
-                 "pip install --no-deps foolbox==3.3.4")
-    return sorted((Path(list(spec.submodule_search_locations)[0]) / "data").glob("imagenet_*.jpg"))
-
-
 def build_tree(root: Path, images: int, form: str, classes: int = 10) -> int:
-    from PIL import Image
-    sources = []
-    for k, photo in enumerate(foolbox_photos()):
-        if form == "foolbox":
-            sources.append(photo.read_bytes())
-            continue
-        target = root.parent / f"src_{k}.JPEG"
-        with Image.open(photo) as image:
-            image.convert("RGB").resize((500, 375), Image.Resampling.LANCZOS).save(
-                target, format="JPEG", quality=90, progressive=False)
-        sources.append(target.read_bytes())
-    for split in ("train", "val"):
-        for n in range(images):
-            folder = root / split / f"n{n % classes:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{n:05d}.JPEG").write_bytes(sources[n % len(sources)])
-    return sum(len(s) for s in sources) // len(sources)
+    """The tree; returns the mean bytes per source file. ``foolbox``: the photos as shipped;
+    else re-encoded as baseline JPEGs at 500x375 (a typical ImageNet file)."""
+    photos = foolbox_photos()
+    sources = photos if form == "foolbox" else [
+        baseline_jpeg(p, root.parent / f"src_{k}.JPEG", size=(500, 375))
+        for k, p in enumerate(photos)]
+    write_tree(root, sources, images, classes=classes)
+    return sum(s.stat().st_size for s in sources) // len(sources)
 
 
 def cpu_seconds() -> float:

@@ -47,10 +47,8 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import importlib.util
 import itertools
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -61,6 +59,7 @@ from pathlib import Path
 import torch
 
 from binaryduo import models
+from photos import baseline_jpeg, foolbox_photos, write_tree
 from binaryduo.trainer.recipe import load_recipe
 from binaryduo.trainer.run.deepspeed_engine import make_engine
 from binaryduo.trainer.run.feed import DataFeed
@@ -100,36 +99,12 @@ class Row:
 
 
 # ----------------------------------------------------------------------------- data
-def foolbox_photos() -> list[Path]:
-    spec = importlib.util.find_spec("foolbox")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("foolbox 3.3.4 is needed for its ImageNet photos: "
-                         "pip install --no-deps foolbox==3.3.4 (or pass --root DIR)")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data"
-    return sorted(data.glob("imagenet_*.jpg")) or sys.exit(f"no imagenet_*.jpg in {data}")
-
-
 def build_tree(root: Path, files: int, baseline: bool) -> None:
     """``root/train/cNN/*.JPEG``: ``files`` images, one class folder per photo."""
-    from PIL import Image
-
-    sources = []
-    for k, photo in enumerate(foolbox_photos()):
-        target = root / ".sources" / f"{k:02d}.jpg"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if baseline:
-            with Image.open(photo) as image:
-                image.convert("RGB").save(target, "JPEG", quality=90)  # baseline, 4:2:0
-        else:
-            shutil.copyfile(photo, target)
-        sources.append(target)
-    for k in range(files):
-        folder = root / "train" / f"c{k % len(sources):02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        try:  # a link: thousands of files cost no disk
-            os.link(sources[k % len(sources)], folder / f"{k:06d}.JPEG")
-        except OSError:
-            shutil.copyfile(sources[k % len(sources)], folder / f"{k:06d}.JPEG")
+    photos = foolbox_photos()
+    sources = [baseline_jpeg(p, root / ".sources" / f"{k:02d}.jpg") for k, p in enumerate(photos)] \
+        if baseline else photos
+    write_tree(root, sources, files, splits=("train",), classes=None, link=True)
 
 
 class SizedFeed(DataFeed):

@@ -337,7 +337,9 @@ def test_a_decoupling_check_failing_on_rank_1_stops_both_ranks_promptly(runs):
     seconds = time.perf_counter() - started
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1], lines
     assert "decoupling 'coupled' -> 'finetune' on rank 1: not exact" in lines[0], lines
-    assert seconds < runs["duo_seconds"], (seconds, runs["duo_seconds"])
+    # no collective time-out (the healthy 2-rank run's time is the yardstick; a rank left
+    # waiting would take BINARYDUO_DIST_TIMEOUT_S), and no fine-tuning step was taken
+    assert seconds < runs["duo_seconds"] + 60, (seconds, runs["duo_seconds"])
     assert not (runs["root"] / "baddec" / "checkpoints" / "finetune").exists()
 
 
