@@ -332,15 +332,36 @@ def tracking_store_seeder():
     return seed_tracking_store
 
 
-def _run_binaryduo(*args, cwd, env=None, timeout=600, check=True):
-    if check:
-        seed_tracking_store(args, cwd)
+_FORK_SERVER = []  # this pytest process's fork server (tests/forkserver.py), started on first use
+
+
+def _command_environment(extra: dict | None = None) -> dict:
     # one OpenMP thread, as `make test` runs: seeded results depend on the thread count, and the
     # committed fixtures (tests/fixtures/) were written so
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([str(BIN), *map(str, args)], cwd=cwd, env=full_env, text=True,
-                            capture_output=True, timeout=timeout)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(extra or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _run_binaryduo(*args, cwd, env=None, timeout=600, check=True):
+    """The ``binaryduo`` command in a process of its own: forked from a server that has done the
+    heavy imports once (tests/forkserver.py says what stays the same), or a fresh interpreter
+    with BINARYDUO_TEST_FRESH_PROCESSES=1."""
+    if check:
+        seed_tracking_store(args, cwd)
+    full_env = _command_environment(env)
+    if os.environ.get("BINARYDUO_TEST_FRESH_PROCESSES") == "1":
+        result = subprocess.run([str(BIN), *map(str, args)], cwd=cwd, env=full_env, text=True,
+                                capture_output=True, timeout=timeout)
+    else:
+        if not _FORK_SERVER:
+            spec = importlib.util.spec_from_file_location(
+                "binaryduo_tests_forkserver", Path(__file__).with_name("forkserver.py"))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _FORK_SERVER.append(module.ForkServerClient(_command_environment()))
+        result = _FORK_SERVER[0].run(str(BIN), [str(a) for a in args], cwd=cwd, env=full_env,
+                                     timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"binaryduo {' '.join(map(str, args))} exited {result.returncode}\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
