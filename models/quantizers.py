@@ -20,6 +20,7 @@ from __future__ import annotations
 from enum import Enum
 
 import torch
+from torch.nn.modules.utils import _pair
 
 __all__ = [
     "STE",
@@ -253,10 +254,6 @@ class _BinaryConv2d(torch.autograd.Function):
         # straight through alpha * s(.) to the latent weight, in its own dtype (autocast's cast)
         grad_weight = None if grad_binary is None else grad_binary.to(weight.dtype)
         return grad_input, grad_weight, None, None, None, None, None
-
-
-def _pair(value) -> list[int]:
-    return list(value) if isinstance(value, (tuple, list)) else [value, value]
 
 
 def binary_conv2d(x: torch.Tensor, weight: torch.Tensor, per_channel: bool = False, stride=1,

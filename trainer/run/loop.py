@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from binaryduo.models import clip_latent_weights_
@@ -103,25 +102,21 @@ class StepVerdict:
 
 
 def agree_on_step(finite: torch.Tensor, loss: torch.Tensor, stop_code: int,
-                  device: torch.device) -> StepVerdict:
+                  ctx: DistributedContext) -> StepVerdict:
     """One small all-reduce and one device-to-host read per step: the stop decision (divergence
     on any rank, preemption on any rank) and the mean loss (the progress bar's, for free).
 
     Built with device ops only (``fill_`` takes the Python scalar as a kernel argument), so
     nothing waits for the device before the read itself. Sums: a flag is set when its sum is
     positive; requeue (2) wins over stop (1) as in :class:`Preemption`."""
-    votes = torch.zeros(4, dtype=torch.float64, device=device)
+    votes = torch.zeros(4, dtype=torch.float64, device=ctx.device)
     votes[0] = (~finite).to(torch.float64)
     votes[1].fill_(float(stop_code == 1))
     votes[2].fill_(float(stop_code == 2))
     votes[3] = loss.detach().to(torch.float64)
-    world = 1
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(votes)
-        world = dist.get_world_size()
-    diverged, stop, requeue, loss_sum = votes.tolist()  # the step's one host sync
+    diverged, stop, requeue, loss_sum = all_reduce_sum(votes, ctx.device)  # the one host sync
     return StepVerdict(diverged=diverged > 0, stop_code=2 if requeue > 0 else int(stop > 0),
-                       mean_loss=loss_sum / world)
+                       mean_loss=loss_sum / ctx.world_size)
 
 
 def _divergence(loss: torch.Tensor, finite_here: bool, step_in_epoch: int,
@@ -193,7 +188,7 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
         faults.after_step(sums.steps)
         # every rank takes the same decision (a rank that stopped alone would leave the others
         # waiting in the next collective)
-        verdict = agree_on_step(finite, loss, stop.local_code() if stop else 0, ctx.device)
+        verdict = agree_on_step(finite, loss, stop.local_code() if stop else 0, ctx)
         if verdict.diverged:
             raise FloatingPointError(_divergence(loss, bool(finite), sums.steps, step))
         if progress is not None:

@@ -122,9 +122,12 @@ def sync_batchnorm_statistics(model: torch.nn.Module) -> None:
                 buffer.div_(world)
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sums a few float64 numbers over ranks (exact for counts below 2**53)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    """Sums a few float64 numbers over ranks (exact for counts below 2**53); one host read.
+    ``values`` may already be a float64 tensor on ``device`` (built by device ops: then nothing
+    waits for the device before the read)."""
+    tensor = values if isinstance(values, torch.Tensor) else \
+        torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
