@@ -64,7 +64,7 @@ from binaryduo.trainer.recipe import load_recipe
 from binaryduo.trainer.run.deepspeed_engine import make_engine
 from binaryduo.trainer.run.feed import DataFeed
 from binaryduo.trainer.run.loop import train_epoch
-from binaryduo.trainer.run.precision import memory_format, resolve_dtype, tune_kernels
+from binaryduo.trainer.run.precision import resolve_dtype, tune_kernels
 from binaryduo.trainer.runtime.distributed import all_gather_objects, init_distributed, teardown
 from binaryduo.trainer.runtime.host_syncs import count_host_syncs
 from binaryduo.trainer.runtime.sync_batchnorm import synchronize_batchnorm
@@ -218,7 +218,6 @@ def measure_model(name: str, variant: str, args, ctx, feeds, tree) -> list[Row]:
     torch.manual_seed(args.seed)
     model = build_model(name, variant, recipe.model.options, args.image_size)
     size, classes = model.config.input_size, model.config.num_classes
-    model.to(ctx.device, memory_format=memory_format(ctx.device))
     if recipe.deepspeed.sync_batchnorm and ctx.world_size > 1:
         synchronize_batchnorm(model)
     engine = make_engine(model, stage, recipe, ctx=ctx, per_rank_batch=args.batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from binaryduo.trainer.run.precision import memory_format
 from binaryduo.trainer.runtime.distributed import DistributedContext
 from binaryduo.trainer.recipe import Recipe, StageSection
 
@@ -36,11 +37,12 @@ def deepspeed_config(recipe: Recipe, *, per_rank_batch: int, world_size: int) ->
 
 def make_engine(model: torch.nn.Module, stage: StageSection, recipe: Recipe, *,
                 ctx: DistributedContext, per_rank_batch: int):
-    """``deepspeed.initialize`` around ``model`` with the stage's optimizer; with the recipe's
-    ``compile``, the engine's module compiled in place."""
+    """``deepspeed.initialize`` around ``model`` (moved to the process's device, in its layout:
+    precision.memory_format) with the stage's optimizer; with the recipe's ``compile``, the
+    engine's module compiled in place."""
     import deepspeed
 
-    model.to(ctx.device)
+    model.to(ctx.device, memory_format=memory_format(ctx.device))
     clipped = any(getattr(m, "latent_clip", None) is not None for m in model.modules())
     if clipped and recipe.deepspeed.zero_stage > 0:
         # ZeRO steps separate fp32 partitions, which a clamp of the module's parameters would not

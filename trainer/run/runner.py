@@ -30,7 +30,6 @@ from binaryduo.trainer.run.checkpoint import StageCheckpoints, atomic_write_text
 from binaryduo.trainer.run.deepspeed_engine import make_engine
 from binaryduo.trainer.run.loop import (EpochProgress, EpochStats, EvalStats, epoch_stats, evaluate,
                                         train_epoch)
-from binaryduo.trainer.run.precision import memory_format
 from binaryduo.trainer.run.progress import progress_bar, summary_line
 from binaryduo.trainer.run.schedules import learning_rate
 from binaryduo.trainer.run.state import (ResumePoint, RunState, StageResult, rng_states,
@@ -141,7 +140,6 @@ class StageRunner:
         pending = None
         if latest is None:
             model, pending = initial_weights(recipe, index, model, output_dir=self.output_dir)
-        model.to(ctx.device, memory_format=memory_format(ctx.device))
         if recipe.deepspeed.sync_batchnorm and ctx.world_size > 1:
             synchronize_batchnorm(model)
         stage.engine = make_engine(model, spec, recipe, ctx=ctx,
