@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from binaryduo import models
@@ -89,6 +90,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+_TAG_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}")
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    """``--tag KEY=VALUE`` items as a dict; a bad item is a UsageError naming it."""
+    from binaryduo.trainer.run.train import RESERVED_TAGS
+
+    tags: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _TAG_KEY.fullmatch(key) or not value:
+            raise UsageError(f"--tag {item!r}: expected KEY=VALUE (KEY: letters, digits, _ . -; "
+                             f"VALUE not empty)")
+        if key in RESERVED_TAGS or key.startswith("mlflow."):
+            raise UsageError(f"--tag {item!r}: {key!r} is set by binaryduo train itself")
+        if key in tags:
+            raise UsageError(f"--tag {item!r}: {key!r} given twice")
+        tags[key] = value
+    return tags
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from binaryduo.trainer.recipe import RecipeError
     from binaryduo.trainer.run.train import train
@@ -101,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         return train(args.recipe, overrides=args.set, output=args.output,
                      tracking_uri=args.tracking_uri, resume=args.resume, smoke=args.smoke,
-                     offline=args.offline)
+                     offline=args.offline, extra_tags=parse_tags(args.tag))
     except TrackingUnavailable as error:  # pre-flight: before any compute or output
         raise UsageError(str(error)) from None
     except TrackingError as error:
@@ -156,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not contact the tracking server: keep every MLflow record in "
                             "RUN_DIR/mlflow-journal; deliver later with `binaryduo tracking "
                             "replay RUN_DIR`")
+    train.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                       help="an MLflow tag on every run of this recipe run, e.g. sweep_id=... "
+                            "(repeatable; binaryduo's own tags such as seed are refused)")
     train.set_defaults(handler=cmd_train)
 
     demo = commands.add_parser(
@@ -173,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     from binaryduo.trainer.cli.compare import register as register_compare_commands
 
     register_compare_commands(commands)
+
+    from binaryduo.trainer.cli.sweep import register as register_sweep_command
+
+    register_sweep_command(commands)
 
     from binaryduo.trainer.cli.slurm import register as register_slurm_commands
 

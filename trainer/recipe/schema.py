@@ -276,3 +276,11 @@ class Recipe(_Strict):
         for path, default in LATER_KEYS_AT_DEFAULT.items():
             _drop_at_default(resolved, path, default)
         return resolved
+
+    def identity_without_seed(self) -> dict:
+        """:meth:`identity` less the seed: what the runs of one recipe at different seeds share
+        (hashed into the ``recipe_hash_without_seed`` tag, by which ``compare --by-seed``
+        groups runs)."""
+        identity = self.identity()
+        del identity["seed"]
+        return identity

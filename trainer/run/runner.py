@@ -106,6 +106,9 @@ class StageRunner:
         try:
             results = [self.run_stage(index) for index in range(len(self.recipe.stages))]
             self.close_record()
+            if self.ctx.is_main:
+                self.state.finished = True
+                self.state.save(self.output_dir)
             return results
         except Preempted:
             raise  # the runs stay RUNNING: --resume continues them

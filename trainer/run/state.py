@@ -40,6 +40,8 @@ class RunState:
     stage_run_ids: dict[str, str] = field(default_factory=dict)
     completed: list[str] = field(default_factory=list)
     recipe_hash: str | None = None
+    #: every stage done and the record closed: what ``binaryduo sweep`` skips on a re-run
+    finished: bool = False
 
     @classmethod
     def load(cls, directory: Path) -> "RunState":

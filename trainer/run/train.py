@@ -20,6 +20,11 @@ from binaryduo.trainer.tracking.tracker import Tracker
 #: this layer may not import), reported as its one ``binaryduo: error:`` line
 EXIT_REFUSED = 2
 
+#: Tags ``binaryduo train`` sets on its MLflow runs itself; ``--tag`` may not set them.
+RESERVED_TAGS = frozenset({"code_version", "world_size", "hardware", "precision", "dist_backend",
+                           "recipe", "recipe_hash", "smoke", "seed", "recipe_hash_without_seed",
+                           "data_skipped_files", "stage", "variant"})
+
 
 def _job_refusal(recipe: Recipe, ctx, resumed_dir: Path | None, dtype) -> str | None:
     """Why this recipe cannot run on this job's ranks (the same answer on every rank), or None."""
@@ -66,14 +71,18 @@ def prepare_data(recipe: Recipe) -> None:
 
 
 def train(recipe_path: str, *, overrides: list[str], output: str | None, tracking_uri: str | None,
-          resume: str | None, smoke: bool, offline: bool = False) -> int:
-    """Validates (before any compute), then runs every stage; returns the exit status."""
+          resume: str | None, smoke: bool, offline: bool = False,
+          extra_tags: dict[str, str] | None = None) -> int:
+    """Validates (before any compute), then runs every stage; returns the exit status.
+    ``extra_tags`` (e.g. ``sweep_id``) go on every MLflow run of the recipe run, beside the
+    tags set here (none may be one of :data:`RESERVED_TAGS`)."""
     # Signal handlers first: a preemption signal during the slow imports and set-up below must
     # not kill the process (it is acted on at the first step boundary).
     preemption = Preemption()
     try:
         return _train(preemption, recipe_path, overrides=overrides, output=output,
-                      tracking_uri=tracking_uri, resume=resume, smoke=smoke, offline=offline)
+                      tracking_uri=tracking_uri, resume=resume, smoke=smoke, offline=offline,
+                      extra_tags=extra_tags or {})
     finally:
         # last: a SIGTERM that follows our own `scontrol requeue` only sets the flag
         preemption.restore()
@@ -81,7 +90,7 @@ def train(recipe_path: str, *, overrides: list[str], output: str | None, trackin
 
 def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], output: str | None,
            tracking_uri: str | None, resume: str | None, smoke: bool,
-           offline: bool = False) -> int:
+           offline: bool = False, extra_tags: dict[str, str]) -> int:
     # Validation happens in every process before the process group exists: a bad recipe costs
     # nothing, and every rank reports the same problem.
     recipe = load_recipe(recipe_path, overrides)
@@ -132,7 +141,11 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
                 "world_size": str(ctx.world_size), "hardware": hardware(ctx.world_size)["device"],
                 "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
                 "dist_backend": str(torch.distributed.get_backend()),
-                "recipe": recipe.name, "recipe_hash": digest, "smoke": str(smoke).lower()}
+                "recipe": recipe.name, "recipe_hash": digest, "smoke": str(smoke).lower(),
+                # runs of one recipe at several seeds: grouped by `compare --by-seed`
+                "seed": str(recipe.seed),
+                "recipe_hash_without_seed": recipe_hash(recipe.identity_without_seed()),
+                **extra_tags}
         if recipe.data.skip_unreadable:
             tags["data_skipped_files"] = str(len(data_check.skipped))
         if ctx.is_main:
