@@ -116,9 +116,11 @@ def plan_sweep(recipe_files: list[str], seeds: list[int], overrides: list[str], 
     identity = {"recipes": sorted(h for _, _, h in by_name.values()), "smoke": smoke}
     sweep_id = "sweep-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
     directory = Path(output) if output else Path("runs") / "sweeps" / sweep_id
+    # seed by seed (every recipe at the first seed, then the next): a sweep cut short still
+    # compares the recipes on the seeds it reached
     runs = [PlannedRun(name, directory / "recipes" / f"{name}.yaml", seed,
                        directory / name / f"seed-{seed}")
-            for name in by_name for seed in seeds]
+            for seed in seeds for name in by_name]
     record = {"sweep_id": sweep_id, "smoke": smoke, "overrides": list(overrides),
               "recipes": {name: {"file": file, "recipe_hash_without_seed": digest}
                           for name, (file, _, digest) in by_name.items()}}
