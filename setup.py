@@ -30,6 +30,8 @@ INSTALL_REQUIRES = [
     "pydantic>=2",
     "tqdm>=4",
     "matplotlib>=3",  # training-curve PNGs (also an mlflow dependency)
+    "scipy>=1.10",  # Student t quantiles / p-values of `compare --by-seed --baseline` (also an
+    # mlflow dependency, 1.17 installed; named because binaryduo now imports it itself)
 ]
 
 setup(
@@ -39,7 +41,7 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    # recipes sit one folder deep (demo/, cifar10/, imagenet/, analysis/); setuptools expands
+    # recipes sit one folder deep (demo/, studies/, cifar10/, imagenet/, analysis/); setuptools expands
     # these globs relative to the package folder, sub-folders included
     package_data={"binaryduo.slurm": ["*.sbatch", "README.md"],
                   "binaryduo.recipes": ["*/*.yaml"]},

@@ -15,7 +15,8 @@ What ``binaryduo train`` logs (``stages.run_recipe`` / ``run.train``) and what i
 A row per stage (plus "before fine-tune" for a decouple stage): dataset, model, method, weight bits,
 stage, final top-1 / top-5 (the last epoch's), best top-1, Mbit, MFLOPs, epochs done/planned, wall
 time, images/s, world size and hardware, code version. The paper's numbers (docs/method.md
-§5, §6) are added as reference rows for the datasets and models shown.
+§5, §6) are added as reference rows for the datasets and models shown. ``--by-seed`` groups the
+same records over seeds (``seed_groups``, with ``seed_stats``) and reuses the formatters here.
 """
 from __future__ import annotations
 
@@ -333,28 +334,38 @@ def _cell(row: Row, attribute: str) -> str:
     return str(value)
 
 
-def format_markdown(rows: list[Row]) -> str:
-    header = [h for h, _ in COLUMNS]
+LEGEND = ("*italic*: the paper's numbers (Kim et al., ICLR 2020; docs/method.md §5-§6); "
+          "top-1/top-5 = last epoch's validation accuracy (%), best top-1 = best epoch; "
+          "epochs = done/planned.")
+
+
+def format_markdown(rows: list, columns=COLUMNS, cell=None, legend: str = LEGEND) -> str:
+    """A Markdown table of ``rows`` (paper rows in italics); ``columns``/``cell``: another row
+    type's (``seed_groups``)."""
+    cell = cell or _cell
+    header = [h for h, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [_cell(row, a) for _, a in COLUMNS]
+        cells = [cell(row, a) for _, a in columns]
         if row.source == "paper":
             cells = [f"*{c}*" if c else c for c in cells]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     lines.append("")
-    lines.append("*italic*: the paper's numbers (Kim et al., ICLR 2020; docs/method.md §5-§6); "
-                 "top-1/top-5 = last epoch's validation accuracy (%), best top-1 = best epoch; "
-                 "epochs = done/planned.")
+    lines.append(legend)
     return "\n".join(lines)
 
 
-def format_csv(rows: list[Row]) -> str:
+def format_csv(rows: list, row_type=Row) -> str:
+    """Every field of ``row_type``, one line per row; a list field as its items separated by
+    spaces."""
     buffer = io.StringIO()
-    names = list(asdict(rows[0]).keys()) if rows else [f for f in Row.__dataclass_fields__]
+    names = list(row_type.__dataclass_fields__)
     writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
+        writer.writerow({k: ("" if v is None else " ".join(map(str, v))
+                             if isinstance(v, (list, tuple)) else v)
+                         for k, v in asdict(row).items()})
     return buffer.getvalue().rstrip("\n")
 
 
@@ -371,6 +382,20 @@ def format_rows(rows: list[Row], fmt: str) -> str:
 # -------------------------------------------------------------------------------------- plots
 
 
+def curve_of(record: RunRecord) -> tuple[list[int], list[float], list[int]]:
+    """(x, top-1, stage boundaries) of a run's validation curve: the stages one after the other
+    (x = epochs since the first stage began; step 0 of a decouple stage sits on the boundary)."""
+    offset, xs, ys, boundaries = 0, [], [], []
+    for index, stage in enumerate(record.stages):
+        history = record.histories.get(stage.info.run_id, [])
+        xs += [offset + step for step, _ in history]
+        ys += [value for _, value in history]
+        offset += max((step for step, _ in history), default=0)
+        if index < len(record.stages) - 1:
+            boundaries.append(offset)
+    return xs, ys, boundaries
+
+
 def plot_comparison(records: list[RunRecord], rows: list[Row], path: Path) -> Path:
     """Two panels: validation top-1 per epoch of every run (stages one after the other, boundaries
     dotted, step 0 of a decouple stage = the decoupled model before fine-tuning), and top-1 versus
@@ -384,14 +409,9 @@ def plot_comparison(records: list[RunRecord], rows: list[Row], path: Path) -> Pa
     colours: dict[str, object] = {}
     for record in records:
         label = record.parent.data.tags.get("recipe", record.parent.info.run_id[:8])
-        offset, xs, ys = 0, [], []
-        for index, stage in enumerate(record.stages):
-            history = record.histories.get(stage.info.run_id, [])
-            xs += [offset + step for step, _ in history]
-            ys += [value for _, value in history]
-            offset += max((step for step, _ in history), default=0)
-            if index < len(record.stages) - 1:
-                curves.axvline(offset, color="grey", linestyle=":", linewidth=1)
+        xs, ys, boundaries = curve_of(record)
+        for boundary in boundaries:
+            curves.axvline(boundary, color="grey", linestyle=":", linewidth=1)
         if xs:
             line, = curves.plot(xs, ys, marker="o", markersize=3, label=label)
             colours[record.parent.info.run_id] = line.get_color()
