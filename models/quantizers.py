@@ -242,13 +242,25 @@ class _BinaryConv2d(torch.autograd.Function):
     def backward(ctx, grad_output):  # noqa: D102
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
+        conv = (_pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups)
+        grad_input = grad_binary = None
         with torch.no_grad(), torch.autocast(grad_output.device.type, enabled=False):
-            binary = _alpha_sign(weight, ctx.per_channel)
-            if ctx.compute is not None:
-                binary = binary.to(ctx.compute)
-            grad_input, grad_binary, _ = torch.ops.aten.convolution_backward(
-                grad_output, x, binary, None, _pair(stride), _pair(padding), _pair(dilation),
-                False, [0, 0], groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+            # Two calls of the kernel instead of one: the input gradient needs alpha * s(W), the
+            # weight gradient only its shape and dtype. Freeing the recomputed copy in between
+            # means it never coexists with the weight gradient (same size), so a binary layer
+            # peaks no higher than a plain one: AlexNet's FC6 copy alone is 151 MB. Each
+            # gradient comes from the same kernel as in the single call, bit for bit (tested).
+            if ctx.needs_input_grad[0]:
+                binary = _alpha_sign(weight, ctx.per_channel)
+                if ctx.compute is not None:
+                    binary = binary.to(ctx.compute)
+                grad_input = torch.ops.aten.convolution_backward(
+                    grad_output, x, binary, None, *conv, [True, False, False])[0]
+                del binary
+            if ctx.needs_input_grad[1]:
+                shaped = weight if ctx.compute is None else weight.to(ctx.compute)
+                grad_binary = torch.ops.aten.convolution_backward(
+                    grad_output, x, shaped, None, *conv, [False, True, False])[1]
         if grad_input is not None:  # through autocast's cast of the input, to its dtype
             grad_input = grad_input.to(ctx.input_dtype)
         # straight through alpha * s(.) to the latent weight, in its own dtype (autocast's cast)
