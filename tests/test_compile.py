@@ -13,6 +13,9 @@ binary network such an ulp decides near-ties -- a max-pool window of equal-looki
 gradient to another element, a pre-activation on a threshold flips. Logits then agree to ~2e-7
 but parameter gradients differ by up to ~50 % of their largest element, also in float64, where
 the same graph under ``aot_eager`` is exact; no tolerance would mean anything.
+
+These models run on one process. Their global-batch BN on several ranks (a functional all-reduce
+in the graph) is compiled on 2 gloo ranks in tests/trainer/test_global_batch_norm.py.
 """
 import contextlib
 import copy

@@ -16,10 +16,15 @@ Which path runs where, and why:
   CUDA only (``torch.batch_norm_stats`` has no CPU kernel). A CUDA tensor on a group whose CUDA
   backend is not NCCL is refused: it would be a misconfigured launch (``init_distributed`` picks
   NCCL whenever CUDA is present), and PyTorch's gloo branch of that function is not what we test.
-* **CPU tensors (gloo)**: per-rank sums and sums of squares in float64, all-reduced with autograd
-  (``torch.distributed.nn``), so the result differs from one process holding the whole batch only
-  by rounding (2 gloo ranks reproduce the 1-rank run; tests/trainer/test_launchers.py). The output
-  is float32 (float64 for a float64 input) whatever the input's dtype, as ``Float32BatchNorm2d``.
+* **CPU tensors (gloo)**: per-rank sums and sums of squares in float64, all-reduced with autograd,
+  so the result differs from one process holding the whole batch only by rounding (2 gloo ranks
+  reproduce the 1-rank run; tests/trainer/test_launchers.py). The output is float32 (float64 for
+  a float64 input) whatever the input's dtype, as ``Float32BatchNorm2d``. The all-reduce is the
+  functional collective (``torch.distributed._functional_collectives.all_reduce``; torch 2.14
+  registers its backward, an all-reduce of the gradients), which Dynamo traces: under
+  ``compile: true`` a synchronised model is one graph (tests/trainer/test_global_batch_norm.py).
+  ``torch.distributed.nn.all_reduce`` (deprecated; the same gloo all-reduce forward and backward,
+  bitwise the same results) raised inside Dynamo, which ran every frame holding a BN eager.
 
 Neither path reads a tensor on the host itself: element counts are host integers (the global count
 still comes out of the collective, so unequal per-rank batches are right), the unbiased-variance
@@ -42,7 +47,7 @@ import types
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn import functional as dist_nn
+from torch.distributed import _functional_collectives as funcol
 from torch.nn.modules._functions import SyncBatchNorm as _FusedSyncBatchNorm
 
 _BatchNorm = torch.nn.modules.batchnorm._BatchNorm
@@ -114,7 +119,9 @@ def _float64_global_batch_norm(self: _BatchNorm, input: torch.Tensor) -> torch.T
     # the global count is right whatever the other ranks' batch sizes
     count = wide.new_full((1,), input.numel() / channels)
     local = torch.cat([wide.sum(reduce_dims), (wide * wide).sum(reduce_dims), count])
-    total = dist_nn.all_reduce(local)  # autograd: the backward all-reduces the gradients
+    # autograd: the backward all-reduces the gradients. Eagerly the result is an
+    # AsyncCollectiveTensor, waited for by the first op that reads its values
+    total = funcol.all_reduce(local, "sum", dist.group.WORLD)
     n = total[-1]
     mean = total[:channels] / n
     var = (total[channels:2 * channels] / n - mean * mean).clamp_min(0.0)  # biased, as BN
