@@ -107,17 +107,6 @@ def build_tree(root: Path, files: int, baseline: bool) -> None:
     write_tree(root, sources, files, splits=("train",), classes=None, link=True)
 
 
-class SizedFeed(DataFeed):
-    """The trainer's ``DataFeed`` with the loader's output side set (the recipe's is 224)."""
-
-    def __init__(self, data, ctx, image_size: int):
-        self.image_size = image_size
-        super().__init__(data, ctx)
-
-    def _spec(self, subset):
-        return dataclasses.replace(super()._spec(subset), image_size=self.image_size)
-
-
 class Primed:
     """``loader``'s epoch with its first batch (any pipeline build) already fetched and timed."""
 
@@ -234,11 +223,14 @@ def measure_model(name: str, variant: str, args, ctx, feeds, tree) -> list[Row]:
                 del fixed  # not held during the DALI epochs (their peak memory)
             else:
                 if size not in feeds:
-                    data = recipe.data.model_copy(update={
-                        "root": str(tree), "batch_size": args.batch * ctx.world_size,
+                    # the recipe's data section with the tree, the batch and the model's input
+                    # side (data.image_size; the recipe's preset gives 224), validated as a recipe
+                    data = type(recipe.data).model_validate({
+                        **recipe.data.model_dump(), "root": str(tree),
+                        "batch_size": args.batch * ctx.world_size, "image_size": size,
                         "num_threads": args.dali_threads,
                         "train_subset": args.files if args.root else None})
-                    feeds[size] = SizedFeed(data, ctx, size)
+                    feeds[size] = DataFeed(data, ctx)
                 feed = feeds[size]
                 warmup = min(args.warmup, len(feed.train(args.seed, 0)))
                 run_epoch(engine, itertools.islice(feed.train(args.seed, 0), warmup), ctx,

@@ -196,9 +196,9 @@ def test_shipped_recipes_pass_schema_only(recipe, monkeypatch, capsys):
 
 
 def test_a_key_added_later_changes_no_recipe_identity_while_at_its_default(tmp_path):
-    """Runs started before ``decouple_flip_tolerance`` or ``compile`` existed resume (same recipe
-    hash) as long as the recipe leaves them at their default; set to anything else, they are part
-    of the recipe."""
+    """Runs started before ``decouple_flip_tolerance``, ``compile`` or ``data.image_size`` existed
+    resume (same recipe hash) as long as the recipe leaves them at their default; set to anything
+    else, they are part of the recipe."""
     from binaryduo.trainer.recipe import load_recipe
     from binaryduo.trainer.tracking.provenance import recipe_hash
 
@@ -216,3 +216,24 @@ def test_a_key_added_later_changes_no_recipe_identity_while_at_its_default(tmp_p
     assert compiled.compile is True and compiled.identity()["compile"] is True
     assert recipe_hash(compiled.identity()) != recipe_hash(plain.identity())
     assert load_recipe(path, ["compile=false"]).identity() == plain.identity()
+    # ``data.image_size`` likewise: absent while None (the preset's size)
+    assert "image_size" not in plain.identity()["data"]
+    assert plain.model_dump()["data"]["image_size"] is None
+    sized = load_recipe(path, ["data.image_size=48"])
+    assert sized.identity()["data"]["image_size"] == 48
+    assert recipe_hash(sized.identity()) != recipe_hash(plain.identity())
+
+
+def test_the_legacy_run_recipe_keeps_its_hash():
+    """The recipe of the run that commit ca633a7 wrote (tests/fixtures/legacy_run_ca633a7) hashes
+    to the ``recipe_hash`` in its run_state.json with today's schema: every key added since is
+    left out at its default (LATER_KEYS_AT_DEFAULT), so the run still resumes."""
+    import json
+
+    from binaryduo.trainer.recipe import load_recipe
+    from binaryduo.trainer.tracking.provenance import recipe_hash
+
+    legacy = REPO / "tests" / "fixtures" / "legacy_run_ca633a7"
+    recipe = load_recipe(legacy / "tiny.yaml", [], schema_only=True)
+    state = json.loads((legacy / "run" / "run_state.json").read_text())
+    assert recipe_hash(recipe.identity()) == state["recipe_hash"]

@@ -105,6 +105,10 @@ class DataSection(_Strict):
     batch_size: int = Field(gt=0)
     #: Images the model sees: grey images are repeated to 3 channels when this is 3.
     channels: Literal[1, 3] = 3
+    #: Side in pixels of the square images the pipeline gives (the preset's crop, resize and
+    #: pad scale with it); None = the preset's: 224 (``imagenet``), 32 (``small``). The model's
+    #: ``input_size`` option must match it.
+    image_size: int | None = Field(default=None, gt=0)
     #: Decoding threads per rank.
     num_threads: int = Field(default=2, gt=0)
     #: Use only the first N training / validation images (a fixed, seeded subset); None = all.
@@ -222,6 +226,7 @@ def _no_fp16(value: Any) -> Any:
 LATER_KEYS_AT_DEFAULT: dict[tuple[str, ...], Any] = {
     ("stages", "*", "decouple_flip_tolerance"): 1e-4,
     ("compile",): False,
+    ("data", "image_size"): None,
 }
 
 
@@ -260,7 +265,8 @@ class Recipe(_Strict):
     #: distributed. Part of the recipe's identity when true: inductor reorders reductions
     #: (alpha = mean|W| and BN statistics differ by ulps, enough to flip a near-tie of a
     #: threshold or max-pool), so a compiled run does not reproduce an eager one bit for bit.
-    #: On several ranks with ``deepspeed.sync_batchnorm`` every BN's all-reduce breaks the graph.
+    #: On several ranks with ``deepspeed.sync_batchnorm`` the global-batch BN's all-reduce is
+    #: traced too (a functional collective; on gloo measured one graph, no break).
     compile: bool = False
     model: ModelSection
     data: DataSection

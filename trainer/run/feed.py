@@ -127,8 +127,8 @@ class DataFeed:
         return LoaderSpec(root=Path(self.data.root), format=self.data.format,
                           preset=self.data.preset, batch_size=self.per_rank_batch,
                           num_threads=self.data.num_threads, subset=subset,
-                          channels=self.data.channels, augment=self.data.augment,
-                          exclude=self.exclude)
+                          channels=self.data.channels, image_size=self.data.image_size,
+                          augment=self.data.augment, exclude=self.exclude)
 
     def train(self, seed: int, epoch: int, step: int = 0):
         """This rank's training loader at ``step`` of ``epoch`` of the stage seeded ``seed``."""
