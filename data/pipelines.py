@@ -89,6 +89,12 @@ FORMATS = ("auto", "imagefolder", "filelist", "shard")
 _SUBSET_SEED = 0  # subsets are fixed across runs (independent of the run seed)
 
 
+
+def output_size(preset: str, image_size: int | None = None) -> int:
+    """The side of the images a pipeline gives: ``image_size``, else the preset's (224 for
+    ``imagenet``, 32 for ``small``)."""
+    return image_size or (224 if preset == "imagenet" else 32)
+
 @dataclass(frozen=True)
 class LoaderSpec:
     """What to load and how; the same spec serves train and eval (``build_loader(train=...)``).
@@ -214,7 +220,7 @@ class Loader:
         self.labels = np.asarray(labels, dtype=np.int64)  # of every sample, by dataset index
         self.channels = spec.channels or stored
         self._stored_channels = stored
-        self.image_size = spec.image_size or (224 if spec.preset == "imagenet" else 32)
+        self.image_size = output_size(spec.preset, spec.image_size)
         self.mean, self.std = self._normalization(stats)
 
         total = len(self.labels)

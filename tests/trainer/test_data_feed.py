@@ -13,7 +13,10 @@ from binaryduo.trainer.runtime.distributed import DistributedContext
 ONE_PROCESS = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("overrides,side", [([], 32), (["data.image_size=24"], 24)])
+@pytest.mark.parametrize("overrides,side", [
+    ([], 32),
+    # a model built for 40x40 (validation refuses a size the model is not built for)
+    (["data.image_size=40", "model.name=resnet18", "model.options.input_size=40"], 40)])
 def test_data_image_size_sets_the_side_of_the_feed_images(tmp_path, fashion_mnist,
                                                           tiny_recipe_text, overrides, side):
     path = tmp_path / "tiny.yaml"

@@ -219,7 +219,8 @@ def test_a_key_added_later_changes_no_recipe_identity_while_at_its_default(tmp_p
     # ``data.image_size`` likewise: absent while None (the preset's size)
     assert "image_size" not in plain.identity()["data"]
     assert plain.model_dump()["data"]["image_size"] is None
-    sized = load_recipe(path, ["data.image_size=48"])
+    sized = load_recipe(path, ["data.image_size=48", "model.name=resnet18",
+                               "model.options.input_size=48"])
     assert sized.identity()["data"]["image_size"] == 48
     assert recipe_hash(sized.identity()) != recipe_hash(plain.identity())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from binaryduo import models
+from binaryduo.data.pipelines import output_size
 from binaryduo.trainer.recipe.schema import MAX_NAME, DataSection, Recipe
 
 
@@ -26,11 +27,19 @@ def semantic_problems(recipe: Recipe, *, check_paths: bool,
     else:
         for index, stage in enumerate(recipe.stages):
             try:
-                models.registry.resolve_config(recipe.model.name, stage.variant,
-                                               **recipe.model.options)
+                config = models.registry.resolve_config(recipe.model.name, stage.variant,
+                                                        **recipe.model.options)
             except ValueError as error:
                 problems.append((("model", "options"), f"{error} (stage {stage.name!r})"))
                 break
+        else:  # the size the model is built (and costed) for must be the size it is fed
+            size = output_size(recipe.data.preset, recipe.data.image_size)
+            if size != config.input_size:
+                key = ("data", "image_size") if recipe.data.image_size is not None \
+                    else ("data", "preset")
+                problems.append((key, f"the pipeline gives {size}x{size} images but "
+                                      f"{recipe.model.name} is built for {config.input_size}x"
+                                      f"{config.input_size} (model.options.input_size)"))
 
     data = recipe.data
     if data.train_subset is not None and data.train_subset < data.batch_size:
