@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo study test test-fast bench clean
 
 install: $(STAMP)
 
@@ -43,6 +43,23 @@ demo: install
 TEST_WORKERS ?= 2
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
+
+# The seed study behind the README's "Seed study" table: BNN vs BinaryDuo on Fashion-MNIST at the
+# demo's budget, FP weights and binary weights, seeds 0-2 (12 runs; about an hour on 2 cores).
+# A `binaryduo sweep`: run it again after an interruption and it continues where it stopped.
+STUDY_SEEDS ?= 0-2
+STUDY_DB ?= sqlite:///$(CURDIR)/mlflow.db
+study: install
+	$(VENV)/bin/binaryduo sweep recipes/demo/fashion_mnist_vgg7_bnn.yaml \
+	  recipes/demo/fashion_mnist_vgg7_binaryduo.yaml --seeds $(STUDY_SEEDS) \
+	  --output runs/study/fp-weights --tracking-uri $(STUDY_DB)
+	$(VENV)/bin/binaryduo sweep recipes/studies/fashion_mnist_vgg7_bnn_binary_weights.yaml \
+	  recipes/studies/fashion_mnist_vgg7_binaryduo_binary_weights.yaml --seeds $(STUDY_SEEDS) \
+	  --output runs/study/binary-weights --tracking-uri $(STUDY_DB)
+	$(VENV)/bin/binaryduo compare --by-seed --tracking-uri $(STUDY_DB) --no-paper \
+	  --sweep runs/study/fp-weights --baseline fashion_mnist_vgg7_bnn
+	$(VENV)/bin/binaryduo compare --by-seed --tracking-uri $(STUDY_DB) --no-paper \
+	  --sweep runs/study/binary-weights --baseline fashion_mnist_vgg7_bnn_binary_weights
 
 bench: install
 	$(PY) benchmarks/quantizer_overhead.py

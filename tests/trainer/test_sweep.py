@@ -74,7 +74,8 @@ def test_bad_input_is_refused_before_any_run_starts(args, says, tiny_recipe, run
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["sweep.json"]
 
 
-def test_a_killed_sweep_run_again_ends_with_one_finished_run_per_seed(tiny_recipe, tmp_path):
+def test_a_killed_sweep_run_again_ends_with_one_finished_run_per_seed(tiny_recipe, tmp_path,
+                                                                      run_binaryduo):
     """The sweep is killed with SIGKILL while seed 1 trains (between its two stages): its run gets SIGTERM from the kernel
     (PR_SET_PDEATHSIG) and stops. The same command then skips seed 0, resumes seed 1 in its
     MLflow run, and starts seed 2."""
@@ -126,6 +127,15 @@ def test_a_killed_sweep_run_again_ends_with_one_finished_run_per_seed(tiny_recip
                             "run_state.json").read_text())
         assert state["finished"] and state["completed"] == ["coupled", "finetune"]
 
+    # compare finds the sweep by its directory and counts each seed once
+    shown = run_binaryduo("compare", "--by-seed", "--sweep", "sweep", "--tracking-uri",
+                          f"sqlite:///{db}", "--include-smoke", "--no-paper", "--format", "json",
+                          cwd=tmp_path)
+    rows = json.loads(shown.stdout)
+    assert {row["stage"] for row in rows} == {"coupled (coupled)", "finetune (decoupled)",
+                                              "finetune: before fine-tune"}
+    assert all(row["n"] == 3 and sorted(row["seeds"]) == ["0", "1", "2"] for row in rows)
+
 
 def test_train_tags_refuse_binaryduos_own_and_malformed_ones():
     from binaryduo.trainer.cli.main import parse_tags
@@ -140,3 +150,4 @@ def test_train_tags_refuse_binaryduos_own_and_malformed_ones():
             parse_tags([bad])
     with pytest.raises(UsageError, match="given twice"):
         parse_tags(["a=1", "a=2"])
+

@@ -15,11 +15,25 @@ anything is printed, and the store must exist (a missing sqlite file is not crea
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
 
 from binaryduo.trainer.cli.errors import UsageError, one_line_errors
+
+
+def _sweep_id(value: str) -> str:
+    """``--sweep``: an id, or a sweep directory (``binaryduo sweep --output DIR``), read from its
+    sweep.json, so a script need not know the id's hash."""
+    record = Path(value) / "sweep.json"
+    if not Path(value).is_dir():
+        return value
+    try:
+        return str(json.loads(record.read_text())["sweep_id"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--sweep {value}: a directory, but not a sweep's: {record} "
+                         f"unreadable ({type(error).__name__}: {error})") from None
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -41,6 +55,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                          "give one of them")
     filters = list(args.filter)
     if args.sweep is not None:
+        args.sweep = _sweep_id(args.sweep)
         if not _SWEEP_ID.fullmatch(args.sweep):
             raise UsageError(f"--sweep {args.sweep!r}: expected a sweep id (letters, digits, "
                              f"_ . : -)")
@@ -109,8 +124,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="MLflow search filter on the recipe runs, e.g. \"tags.recipe LIKE "
                              "'imagenet_%%'\" or \"params.`model.name` = 'alexnet'\" (repeatable: "
                              "all must hold)")
-    parser.add_argument("--sweep", metavar="ID",
-                        help="only the runs of one `binaryduo sweep` (tag sweep_id; the same as "
+    parser.add_argument("--sweep", metavar="ID|DIR",
+                        help="only the runs of one `binaryduo sweep`, by id or by its --output "
+                             "directory (tag sweep_id; the same as "
                              "--filter \"tags.sweep_id = 'ID'\")")
     parser.add_argument("--by-seed", action="store_true",
                         help="aggregate over seeds: one row per recipe less its seed "
