@@ -386,7 +386,8 @@ COMPARE_SMOKES = {("recipes/cifar10/vgg7_bnn.yaml", "bf16"),
 #: pytest-xdist sorts the groups by their number of tests, and these few-test groups ran last.)
 LONGEST_FIRST = ["tiny-runs", "tests/trainer/test_launchers.py",
                  "tests/reliability/test_tracking_faults.py", "tests/slurm/test_slurm_cluster.py",
-                 "tests/trainer/test_compare.py"]
+                 "tests/trainer/test_compare.py", "tests/trainer/test_sweep.py",
+                 "tests/trainer/test_compare_seeds.py"]
 
 
 def pytest_configure(config):
