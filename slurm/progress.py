@@ -67,13 +67,17 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and value == value else None
 
 
-def run_progress(run_dir: Path) -> RunProgress:
-    """Stages, epochs and top-1 from ``run_state.json`` and each stage's ``manifest.json``."""
+def run_progress(run_dir: Path, *, recipe_file: Path | None = None) -> RunProgress:
+    """Stages, epochs and top-1 from ``run_state.json`` and each stage's ``manifest.json``.
+    ``recipe_file``: where the stages are read when the run directory has no recipe yet (an
+    array task's run directory before it starts: the array's frozen recipe)."""
     run_dir = Path(run_dir)
     recipe = None
-    for name in (FROZEN_RECIPE, "recipe.resolved.yaml"):
+    for path in (run_dir / FROZEN_RECIPE, run_dir / "recipe.resolved.yaml", recipe_file):
+        if path is None:
+            continue
         try:
-            recipe = yaml.safe_load((run_dir / name).read_text())
+            recipe = yaml.safe_load(path.read_text())
             break
         except (OSError, yaml.YAMLError):
             continue
@@ -180,18 +184,28 @@ def format_status(progress: RunProgress, job: JobState | None) -> tuple[str, boo
                    f"{stage.epochs}{numbers}  {status}")
     if progress.parent_run_id:
         out.append(f"  MLflow parent run {progress.parent_run_id}")
-    path = stderr_file(progress.run_dir, job, job.job_id if job else progress.job_id)
-    if path is not None:
-        try:
-            messages, tail = error_report(path.read_text(errors="replace"))
-        except OSError:
-            messages, tail = [], []
-        if failed:
-            out.append(f"  error ({path}):")
-            out.extend(f"    {m}" for m in messages)
-            out.append(f"  last lines of {path.name}:")
-            out.extend(f"    | {t}" for t in tail)
-        elif messages:
-            out.append(f"  trainer messages ({path.name}):")
-            out.extend(f"    {m}" for m in messages[-5:])
+    out.extend(job_messages(progress, job, failed=failed))
     return "\n".join(out), failed
+
+
+def job_messages(progress: RunProgress, job: JobState | None, *, failed: bool,
+                 indent: str = "  ") -> list[str]:
+    """From the job's error file: a failed job's ``binaryduo: ...`` lines and last lines, or the
+    trainer's latest messages of one that did not fail."""
+    path = stderr_file(progress.run_dir, job, job.job_id if job else progress.job_id)
+    if path is None:
+        return []
+    try:
+        messages, tail = error_report(path.read_text(errors="replace"))
+    except OSError:
+        messages, tail = [], []
+    out = []
+    if failed:
+        out.append(f"{indent}error ({path}):")
+        out.extend(f"{indent}  {m}" for m in messages)
+        out.append(f"{indent}last lines of {path.name}:")
+        out.extend(f"{indent}  | {t}" for t in tail)
+    elif messages:
+        out.append(f"{indent}trainer messages ({path.name}):")
+        out.extend(f"{indent}  {m}" for m in messages[-5:])
+    return out

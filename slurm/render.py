@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from binaryduo.slurm.run_files import FROZEN_RECIPE
+from binaryduo.slurm.run_files import FROZEN_RECIPE, SEED_DIR
 
 TEMPLATE = "binaryduo.sbatch"
 OPTIONS_MARKER = "#BINARYDUO-SBATCH-OPTIONS"
@@ -133,12 +133,47 @@ def path_problem(path: Path) -> str | None:
     return None
 
 
+def seed_ranges(seeds: list[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``0-3,7`` (Slurm's array index list; ascending)."""
+    parts: list[str] = []
+    ordered = sorted(set(seeds))
+    start = previous = None
+    for seed in ordered + [None]:
+        if seed is not None and previous is not None and seed == previous + 1:
+            previous = seed
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = seed
+    return ",".join(parts)
+
+
+def array_spec(seeds: list[int], throttle: int | None = None) -> str:
+    """The ``--array`` value: the task ids are the seeds; ``%K`` runs at most K at once."""
+    return seed_ranges(seeds) + (f"%{throttle}" if throttle else "")
+
+
+def array_problems(seeds: list[int], throttle: int | None,
+                   max_array_size: int | None = None) -> list[str]:
+    """What is wrong with an array of ``seeds`` (task id = seed) and ``--array-throttle``."""
+    problems = []
+    if throttle is not None and throttle < 1:
+        problems.append(f"--array-throttle {throttle}: must be >= 1")
+    if max_array_size is not None and seeds and max(seeds) >= max_array_size:
+        problems.append(f"--seeds: seed {max(seeds)} cannot be an array task id on this cluster "
+                        f"(MaxArraySize={max_array_size}: task ids 0..{max_array_size - 1}); "
+                        f"the task id is the seed, so choose smaller seeds")
+    return problems
+
+
 # -- rendering -------------------------------------------------------------------------------------
 
 
 def sbatch_directives(options: JobOptions, *, run_dir: Path, workdir: Path,
-                      job_name: str) -> list[str]:
-    """The ``#SBATCH`` options of a job (absolute ``run_dir`` and ``workdir``)."""
+                      job_name: str, array: str | None = None) -> list[str]:
+    """The ``#SBATCH`` options of a job (absolute ``run_dir`` and ``workdir``). ``array``: the
+    ``--array`` value of a job array (:func:`array_spec`); each task's output then goes to its
+    seed's run directory, ``seed-<task id>/slurm-<array job>_<task id>.out``."""
     lines = [f"--job-name={options.job_name or job_name}",
              f"--nodes={options.nodes}",
              f"--ntasks-per-node={options.ntasks_per_node}"]
@@ -152,11 +187,14 @@ def sbatch_directives(options: JobOptions, *, run_dir: Path, workdir: Path,
         lines.append(f"--account={options.account}")
     if options.time:
         lines.append(f"--time={options.time}")
+    if array is not None:
+        lines.append(f"--array={array}")
+    output = f"{run_dir}/{SEED_DIR.format(seed='%a')}/slurm-%A_%a" if array else f"{run_dir}/slurm-%j"
     lines += [f"--signal=B:USR1@{options.signal_lead}",
               "--requeue",
               "--open-mode=append",
-              f"--output={run_dir}/slurm-%j.out",
-              f"--error={run_dir}/slurm-%j.err",
+              f"--output={output}.out",
+              f"--error={output}.err",
               f"--chdir={workdir}"]
     lines += list(options.extra)
     return lines
@@ -188,9 +226,12 @@ def render_script(template: str, directives: list[str], environment: dict[str, s
 
 
 def job_environment(*, run_dir: Path, binaryduo: str, smoke: bool,
-                    tracking_uri: str | None) -> dict[str, str]:
-    """The variables the batch script reads: the job trains the frozen recipe in ``run_dir``."""
+                    tracking_uri: str | None, sweep_id: str | None = None) -> dict[str, str]:
+    """The variables the batch script reads: the job trains the frozen recipe in ``run_dir``
+    (an array task: in ``run_dir/seed-<N>``, tagged ``sweep_id``)."""
     env = {"RECIPE": str(run_dir / FROZEN_RECIPE), "RUN_DIR": str(run_dir), "BINARYDUO": binaryduo}
+    if sweep_id:
+        env["SWEEP_ID"] = sweep_id
     if smoke:
         env["SMOKE"] = "1"
     if tracking_uri:

@@ -60,9 +60,37 @@ def parse_scontrol_job(text: str) -> dict[str, str]:
     return fields
 
 
+def task_ids(text: str) -> set[int]:
+    """An array's task index list as Slurm prints it: ``4``, ``3-5,7``, ``[3-5%2]``."""
+    ids: set[int] = set()
+    for item in text.strip("[]").split("%")[0].split(","):
+        first, _, last = item.strip().partition("-")
+        if first.isdigit() and (not last or last.isdigit()):
+            ids.update(range(int(first), int(last or first) + 1))
+    return ids
+
+
+def split_array_id(job_id: str) -> tuple[str, int] | None:
+    """``"81234_3"`` (an array task) -> ``("81234", 3)``; None for a plain job id."""
+    array, sep, task = job_id.partition("_")
+    return (array, int(task)) if sep and array.isdigit() and task.isdigit() else None
+
+
+def _is_job(fields: dict[str, str], job_id: str) -> bool:
+    """Whether a ``scontrol`` record is ``job_id``; an array task ``A_N`` is the record of array
+    A whose ArrayTaskId holds N (a started task has its own record, the pending ones share one)."""
+    task = split_array_id(job_id)
+    if task is None:
+        return fields.get("JobId") == job_id
+    return (fields.get("ArrayJobId") == task[0]
+            and task[1] in task_ids(fields.get("ArrayTaskId", "")))
+
+
 def state_from_scontrol(job_id: str, text: str) -> JobState | None:
-    fields = parse_scontrol_job(text)
-    if fields.get("JobId") != job_id or "JobState" not in fields:
+    """The record of ``job_id`` (a job, or an array task ``A_N``) in ``scontrol show job``."""
+    records = re.split(r"\n(?=JobId=)", text.strip())
+    fields = next((f for f in map(parse_scontrol_job, records) if _is_job(f, job_id)), {})
+    if "JobState" not in fields:
         return None
     restarts = fields.get("Restarts")
     return JobState(job_id, fields["JobState"], "scontrol",
@@ -75,9 +103,15 @@ def state_from_scontrol(job_id: str, text: str) -> JobState | None:
 
 def state_from_sacct(job_id: str, text: str) -> JobState | None:
     """``sacct -n -P -X -j ID -o JobID,State,ExitCode,Elapsed,NodeList`` (the last record wins:
-    a requeued job has one per attempt with ``--duplicates``)."""
+    a requeued job has one per attempt with ``--duplicates``). An array task ``A_N`` matches the
+    rows ``A_N`` and a pending ``A_[...]`` that holds N."""
     rows = [line.split("|") for line in text.splitlines() if line.strip()]
-    rows = [r for r in rows if len(r) >= 5 and r[0].split("_")[0] == job_id]
+    task = split_array_id(job_id)
+    if task is None:
+        rows = [r for r in rows if len(r) >= 5 and r[0].split("_")[0] == job_id]
+    else:
+        rows = [r for r in rows if len(r) >= 5 and r[0].partition("_")[0] == task[0]
+                and task[1] in task_ids(r[0].partition("_")[2])]
     if not rows:
         return None
     _, state, exit_code, elapsed, nodes = rows[-1][:5]

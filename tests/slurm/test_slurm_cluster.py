@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "binaryduo.sbatch"
@@ -292,3 +293,107 @@ def test_a_job_whose_data_vanished_fails_and_status_shows_the_error(slurm_cluste
     assert f"job {job}: FAILED" in status.stdout
     assert re.search(r"binaryduo: error: .*data.root: dataset directory .*data-link does not exist",
                      status.stdout), status.stdout
+
+
+# -- a job array of seeds --------------------------------------------------------------------------
+
+
+def _wait_for_epoch(slurm_cluster, run_dir: Path, job: str) -> None:
+    """Until the run's first coupled epoch is checkpointed (the job must not end meanwhile)."""
+    manifest = run_dir / "checkpoints" / "coupled" / "manifest.json"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while True:
+        try:
+            if json.loads(manifest.read_text())["epochs"]:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        assert slurm_cluster.job_fields(job).get("JobState") not in TERMINAL, \
+            _job_report(run_dir, job)
+        assert time.monotonic() < deadline, f"no epoch ended within {JOB_TIMEOUT} s"
+        time.sleep(0.1)
+
+
+def test_an_array_trains_each_seed_into_its_own_run_and_requeues_only_the_preempted_task(
+        slurm_cluster, workdir, binaryduo, monkeypatch, capsys):
+    started = time.monotonic()
+    uri = f"sqlite:///{workdir / 'array'}.db"
+    done = binaryduo("slurm", "submit", "tiny.yaml", "--nodes", "1", "--gpus-per-node", "0",
+                     "--tasks-per-node", "1", "--seeds", "3,4", "--output", "runs/array",
+                     "--tracking-uri", uri, cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    array = re.search(r"^submitted job array (\d+): 2 tasks, seeds 3-4", done.stdout, re.M)
+    assert array, done.stdout
+    array = array.group(1)
+    run_dir = workdir / "runs" / "array"
+    task = {seed: f"{array}_{seed}" for seed in (3, 4)}
+    for seed in (3, 4):  # one CPU each: both run at once on the 2-CPU node
+        slurm_cluster.wait_for(task[seed], {"RUNNING"}, timeout=120)
+    # Preempt the task that carries the array's own job id as its SLURM_JOB_ID (the last one to
+    # start): `scontrol requeue <that id>` would requeue every running task of the array.
+    ids = {seed: slurm_cluster.job_fields(task[seed])["JobId"] for seed in (3, 4)}
+    target = next(seed for seed in (3, 4) if ids[seed] == array)
+    other = 7 - target
+    _wait_for_epoch(slurm_cluster, run_dir / f"seed-{target}", task[target])
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", task[target])
+    fields = {seed: slurm_cluster.wait_for(task[seed], TERMINAL, timeout=JOB_TIMEOUT)
+              for seed in (3, 4)}
+    reports = {seed: _job_report(run_dir / f"seed-{seed}", task[seed]) for seed in (3, 4)}
+    assert fields[target]["JobState"] == "COMPLETED", reports[target]
+    assert fields[other]["JobState"] == "COMPLETED", reports[other]
+    assert fields[target]["Restarts"] == "1" and fields[other]["Restarts"] == "0", reports
+
+    # each task in its own run directory, with its own attempts and output files
+    errors = (run_dir / f"seed-{target}" / f"slurm-{task[target]}.err").read_text()
+    assert re.search(rf"binaryduo: preempted: .*stage 'coupled'.*Slurm job {task[target]} "
+                     rf"requeued", errors), reports[target]
+    attempts = (run_dir / f"seed-{target}" / "slurm" / "attempts.log").read_text()
+    # attempt 0 ends with 75, or 143 when Slurm's SIGTERM for the requeue beats a rank's exit, or
+    # records no end when the batch shell is killed (KillWait) before srun has returned
+    assert re.search(rf"job={task[target]} attempt=0 start", attempts), attempts
+    assert not re.search(rf"job={task[target]} attempt=0 end status=(?!(75|143)\b)", attempts), \
+        attempts
+    assert re.search(rf"job={task[target]} attempt=1 start.*\n.*job={task[target]} attempt=1 "
+                     rf"end status=0\n", attempts), attempts
+    attempts = (run_dir / f"seed-{other}" / "slurm" / "attempts.log").read_text().splitlines()
+    assert [l.split(" ", 1)[1] for l in attempts if " end " in l] == [
+        f"job={task[other]} attempt=0 end status=0"], attempts
+    for seed in (3, 4):
+        resolved = yaml.safe_load((run_dir / f"seed-{seed}" / "recipe.resolved.yaml").read_text())
+        assert resolved["seed"] == seed
+
+    # MLflow: one parent run per seed, both FINISHED, one sweep id; the preempted one continued
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("binaryduo").experiment_id])
+    parents = {int(r.data.tags["seed"]): r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert sorted(parents) == [3, 4] and len(runs) == 6, [r.data.tags for r in runs]
+    submission = json.loads((run_dir / "slurm" / "submission.json").read_text())
+    for seed, parent in parents.items():
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["sweep_id"] == submission["sweep_id"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.data.tags["stage"] for r in children) == ["coupled", "finetune"]
+        assert all(r.info.status == "FINISHED" for r in children)
+        state = json.loads((run_dir / f"seed-{seed}" / "run_state.json").read_text())
+        assert state["parent_run_id"] == parent.info.run_id and state["finished"]
+
+    from binaryduo.trainer.cli.main import main  # in this process: no second start-up
+
+    monkeypatch.chdir(workdir)
+    capsys.readouterr()
+    assert main(["slurm", "status", "runs/array"]) == 0
+    status = capsys.readouterr().out
+    assert f"job array {array}: 2 tasks, 2 COMPLETED" in status, status
+    for seed in (3, 4):
+        assert re.search(rf"^ +{seed}  {task[seed]} +COMPLETED +{2 if seed == target else 1}  "
+                         rf"finetune +1/1 +\d+\.\d\d  done$", status, re.M), status
+    assert f"--sweep {submission['sweep_id']} --tracking-uri {uri}" in status
+    assert main(["slurm", "status"]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(rf"{array}_\* +COMPLETED +runs/array +seeds 3-4: 2 COMPLETED", listing), \
+        listing
+    with capsys.disabled():
+        print(f"\n[array test] 2 seeds, one preempted and requeued: "
+              f"{time.monotonic() - started:.0f} s\n{status}")

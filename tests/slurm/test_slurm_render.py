@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -371,3 +372,254 @@ def test_parsers():
                                   "9|CANCELLED by 0|0:15|00:00:10|vm\n")
     assert state.state == "CANCELLED" and state.restarts == 1 and state.failed
     assert state_from_scontrol("8", SCONTROL_FAILED) is None  # another job's answer
+
+
+# -- job arrays of seeds ---------------------------------------------------------------------------
+
+ARRAY = ["--nodes", "1", "--gpus-per-node", "1"]
+
+
+@pytest.fixture
+def no_store(monkeypatch):
+    """Submitting an array prepares the MLflow store (tests/slurm/test_slurm_cluster.py does it
+    for real); here it would only create a sqlite file and take seconds."""
+    made = []
+    monkeypatch.setattr("binaryduo.trainer.cli.slurm._prepare_tracking_store",
+                        lambda uri, recipe: made.append(uri))
+    return made
+
+
+def test_an_array_dry_run_is_one_script_whose_task_ids_are_the_seeds(workdir, capsys):
+    before = _files(workdir)
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "0-2,7,9",
+                 "--array-throttle", "2", "--output", "runs/seeds", "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert _files(workdir) == before
+    run_dir = workdir / "runs" / "seeds"
+    for line in ["--array=0-2,7,9%2", f"--output={run_dir}/seed-%a/slurm-%A_%a.out",
+                 f"--error={run_dir}/seed-%a/slurm-%A_%a.err", "--requeue",
+                 "--signal=B:USR1@300"]:
+        assert f"#SBATCH {line}\n" in script, line
+    assert f"export RUN_DIR={run_dir}\n" in script
+    assert re.search(r"^export SWEEP_ID=sweep-[0-9a-f]{12}$", script, re.M), script
+    # the task id is the seed; each task has its own run directory and job id
+    assert 'RUN_DIR=$RUN_DIR/seed-$seed' in script
+    assert 'job=${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID' in script
+    assert '--set "seed=$seed" --tag "sweep_id=${SWEEP_ID:-slurm-$SLURM_ARRAY_JOB_ID}"' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    # the same recipe, without --seeds: no array, the script as before
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--output", "runs/one",
+                 "--dry-run"]) == 0
+    single = capsys.readouterr().out
+    assert not [l for l in single.splitlines() if l.startswith("#SBATCH --array")]
+    assert "export SWEEP_ID" not in single
+    assert f"#SBATCH --output={workdir}/runs/one/slurm-%j.out\n" in single
+
+
+def test_the_array_sweep_id_is_the_one_binaryduo_sweep_gives_the_recipe(workdir, capsys):
+    from binaryduo.trainer.cli.sweep import plan_sweep
+
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "3,4", "--smoke",
+                 "--dry-run"]) == 0
+    sweep, _ = plan_sweep(["tiny.yaml"], [0], [], output=None, smoke=True)
+    assert f"export SWEEP_ID={sweep.sweep_id}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "3-1"], "range '3-1' ends before it starts"),
+    (["--seeds", "1,x"], "'x' is not a seed or a range"),
+    (["--seeds", "2,2"], "seed 2 given twice"),
+    (["--seeds", "0-4", "--set", "seed=5"], "the seed is set per run by --seeds"),
+    (["--seeds", "0-4", "--array-throttle", "0"], "--array-throttle 0: must be >= 1"),
+    (["--array-throttle", "2"], "--array-throttle limits the tasks of a job array"),
+])
+def test_bad_seeds_are_one_line_exit_2_and_nothing_is_written_or_submitted(
+        workdir, fake_slurm, no_store, capsys, args, message):
+    _bin(fake_slurm, "sbatch", f"/usr/bin/touch {workdir}/SBATCH_CALLED; echo 1\n")
+    before = _files(workdir)
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("binaryduo: error: ") and message in err[0], err
+    assert _files(workdir) == before
+
+
+def test_seeds_beyond_the_clusters_max_array_size_are_refused(workdir, fake_slurm, no_store,
+                                                             capsys):
+    _bin(fake_slurm, "sbatch", f"/usr/bin/touch {workdir}/SBATCH_CALLED; echo 1\n")
+    _bin(fake_slurm, "scontrol", 'if [ "$1 $2" = "show config" ]; then '
+                                 'echo "MaxArraySize            = 1001"; exit 0; fi; exit 1\n')
+    before = _files(workdir)
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "999-1001"]) == 2
+    err = capsys.readouterr().err
+    assert "seed 1001 cannot be an array task id on this cluster (MaxArraySize=1001" in err
+    assert _files(workdir) == before
+
+
+def test_an_array_submission_records_its_seeds_and_makes_their_folders(
+        workdir, fake_slurm, no_store, capsys, monkeypatch):
+    _bin(fake_slurm, "sbatch", f'echo "$@" > {workdir}/sbatch.args; echo 900\n')
+    monkeypatch.setattr("sys.argv", ["binaryduo", "slurm", "submit", "..."])
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "3,4", "--output",
+                 "runs/seeds", "--tracking-uri", "sqlite:///x.db"]) == 0
+    out = capsys.readouterr().out
+    run_dir = workdir / "runs" / "seeds"
+    assert "submitted job array 900: 2 tasks, seeds 3-4 (task 900_N trains seed N)" in out
+    assert no_store == ["sqlite:///x.db"]
+    record = json.loads((run_dir / "slurm" / "submission.json").read_text())
+    assert record["job_id"] == "900" and record["seeds"] == [3, 4]
+    assert record["sweep_id"].startswith("sweep-") and record["array_throttle"] is None
+    assert f"--sweep {record['sweep_id']} --tracking-uri sqlite:///x.db" in out
+    assert json.loads((run_dir / "sweep.json").read_text())["sweep_id"] == record["sweep_id"]
+    assert (run_dir / "seed-3").is_dir() and (run_dir / "seed-4").is_dir()
+    frozen = yaml.safe_load((run_dir / "slurm" / "recipe.yaml").read_text())
+    assert "seed" not in frozen  # each task sets its own
+    assert "#SBATCH --array=3-4\n" in (run_dir / "slurm" / "job.sbatch").read_text()
+    index = [json.loads(l) for l in (workdir / "runs" / "slurm-jobs.jsonl").read_text()
+             .splitlines()]
+    assert index[-1]["seeds"] == [3, 4] and index[-1]["job_id"] == "900"
+
+    # resubmitted: the finished seed is left out, the other one goes into a new array
+    (run_dir / "seed-3" / "run_state.json").write_text(json.dumps({"finished": True}))
+    _bin(fake_slurm, "sbatch", 'echo 901\n')
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "3-5", "--output",
+                 "runs/seeds"]) == 0
+    captured = capsys.readouterr()
+    assert "seed 3 finished earlier" in captured.err
+    assert "#SBATCH --array=4-5\n" in (run_dir / "slurm" / "job.sbatch").read_text()
+    assert (run_dir / "seed-5").is_dir()
+    from binaryduo.slurm.array import array_jobs
+    assert array_jobs(run_dir) == {3: "900_3", 4: "901_4", 5: "901_5"}
+    assert json.loads((run_dir / "sweep.json").read_text())["seeds"] == [3, 4, 5]
+    # the same recipe with --smoke is another sweep: refused
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "3-5", "--smoke",
+                 "--output", "runs/seeds"]) == 2
+    assert "holds the seeds of sweep" in capsys.readouterr().err
+    # every seed finished: nothing is submitted
+    for seed in (4, 5):
+        (run_dir / f"seed-{seed}" / "run_state.json").write_text(json.dumps({"finished": True}))
+    _bin(fake_slurm, "sbatch", f"/usr/bin/touch {workdir}/SBATCH_CALLED; echo 902\n")
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "3-5", "--output",
+                 "runs/seeds"]) == 0
+    assert "nothing to submit" in capsys.readouterr().out
+    assert not (workdir / "SBATCH_CALLED").exists()
+
+
+def test_arrays_and_single_runs_do_not_share_a_run_directory(workdir, fake_slurm, no_store,
+                                                            capsys):
+    _bin(fake_slurm, "sbatch", 'echo 910\n')
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--output", "runs/single"]) == 0
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "1", "--output",
+                 "runs/single"]) == 2
+    assert "holds a single job's run, not a job array" in capsys.readouterr().err
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "1", "--output",
+                 "runs/array"]) == 0
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--output", "runs/array"]) == 2
+    assert "holds a job array of seeds; continue it with --seeds" in capsys.readouterr().err
+    # a different recipe into the array: refused, as for a single run
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "1", "--output",
+                 "runs/array", "--set", "stages.coupled.epochs=3"]) == 2
+    assert "holds a run of a different recipe" in capsys.readouterr().err
+    # a task still pending: refused
+    _bin(fake_slurm, "scontrol", 'echo "JobId=910 ArrayJobId=910 ArrayTaskId=1 '
+                                 'JobState=PENDING Reason=Priority Restarts=0"\n')
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "1", "--output",
+                 "runs/array"]) == 2
+    assert "task 910_1 (seed 1) of this array is still PENDING" in capsys.readouterr().err
+
+
+def test_a_refused_array_submission_leaves_nothing_behind(workdir, fake_slurm, no_store, capsys):
+    _bin(fake_slurm, "sbatch", 'echo "sbatch: error: Invalid job array specification" >&2; '
+                               'exit 1\n')
+    assert main(["slurm", "submit", "tiny.yaml", *ARRAY, "--seeds", "0-2", "--output",
+                 "runs/refused"]) == 1
+    assert "Invalid job array specification" in capsys.readouterr().err
+    assert not (workdir / "runs").exists()
+
+
+SCONTROL_ARRAY = (
+    "JobId=700 ArrayJobId=700 ArrayTaskId=5 ArrayTaskThrottle=0 JobState=PENDING "
+    "Reason=Resources Restarts=0 ExitCode=0:0 RunTime=00:00:00 NodeList=\n"
+    "JobId=701 ArrayJobId=700 ArrayTaskId=3 JobState=COMPLETED Reason=None Restarts=1 "
+    "ExitCode=0:0 RunTime=00:01:10 NodeList=vm\n"
+    "JobId=702 ArrayJobId=700 ArrayTaskId=4 JobState=FAILED Reason=NonZeroExitCode Restarts=0 "
+    "ExitCode=2:0 RunTime=00:00:09 NodeList=vm\n")
+
+
+def _synthetic_array(run_dir: Path, job: str, seeds: list[int]) -> None:
+    _synthetic_run(run_dir / "template", job)  # a run's files, copied into each seed
+    (run_dir / "slurm").mkdir(parents=True)
+    (run_dir / "slurm" / "recipe.yaml").write_text(
+        (run_dir / "template" / "slurm" / "recipe.yaml").read_text())
+    record = {"job_id": job, "cwd": "/x", "submitted": "then", "seeds": seeds,
+              "sweep_id": "sweep-0123456789ab", "tracking_uri": "sqlite:///m.db"}
+    (run_dir / "slurm" / "submission.json").write_text(json.dumps(record))
+    (run_dir / "slurm" / "submissions.jsonl").write_text(json.dumps(record) + "\n")
+
+
+def test_status_of_an_array_is_one_line_per_seed_and_exit_1_when_a_task_failed(
+        workdir, fake_slurm, capsys):
+    run_dir = workdir / "runs" / "arr"
+    _synthetic_array(run_dir, "700", [3, 4, 5])
+    template = run_dir / "template"
+    import shutil
+    for seed in (3, 4):
+        shutil.copytree(template / "checkpoints", run_dir / f"seed-{seed}" / "checkpoints")
+        (run_dir / f"seed-{seed}" / "slurm").mkdir()
+    (run_dir / "seed-3" / "run_state.json").write_text(json.dumps(
+        {"completed": ["coupled", "finetune"], "finished": True}))
+    (run_dir / "seed-3" / "slurm" / "attempts.log").write_text(
+        "2026-01-01T00:00:00+0000 job=700_3 attempt=0 start nodes=vm\n"
+        "2026-01-01T00:00:30+0000 job=700_3 attempt=0 end status=75\n"
+        "2026-01-01T00:00:40+0000 job=700_3 attempt=1 start nodes=vm\n"
+        "2026-01-01T00:01:10+0000 job=700_3 attempt=1 end status=0\n")
+    (run_dir / "seed-4" / "run_state.json").write_text(json.dumps({"completed": ["coupled"]}))
+    (run_dir / "seed-4" / "slurm-700_4.err").write_text(
+        "binaryduo: error: tiny.yaml:7: data.root: dataset directory /d does not exist\n")
+    shutil.rmtree(template)
+    _bin(fake_slurm, "scontrol", f"/bin/cat <<'END'\n{SCONTROL_ARRAY}END\n")
+    assert main(["slurm", "status", "runs/arr"]) == 1
+    out = capsys.readouterr().out
+    assert f"array {run_dir} (recipe tiny): seeds 3-5, sweep_id sweep-0123456789ab" in out
+    assert "job array 700: 3 tasks, 1 COMPLETED, 1 FAILED, 1 PENDING" in out
+    assert re.search(r"^ +3  700_3 +COMPLETED +2  finetune +0/1 +- +done$", out, re.M), out
+    assert re.search(r"^ +4  700_4 +FAILED +0  finetune +0/1 +- +stopped at step 3", out,
+                     re.M), out
+    assert re.search(r"^ +5  700_5 +PENDING +0  coupled +0/2 +- +\(Resources\)$", out, re.M), out
+    assert "  seed 4 (job 700_4): FAILED, exit code 2:0" in out
+    assert "      binaryduo: error: tiny.yaml:7: data.root: dataset directory /d" in out
+    assert ("compare the seeds: binaryduo compare --by-seed --sweep sweep-0123456789ab "
+            "--tracking-uri sqlite:///m.db") in out
+
+    # the index: the array is one line, its tasks counted
+    (workdir / "runs" / "slurm-jobs.jsonl").write_text(json.dumps(
+        {"job_id": "700", "run_dir": str(run_dir), "recipe": "tiny", "seeds": [3, 4, 5]}) + "\n")
+    assert main(["slurm", "status"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"700_\* +PENDING +runs/arr +seeds 3-5: 1 COMPLETED, 1 FAILED, 1 PENDING",
+                     out), out
+
+
+def test_array_tasks_are_found_in_scontrol_and_sacct_answers():
+    from binaryduo.slurm.status import state_from_sacct, state_from_scontrol, task_ids
+
+    assert task_ids("3-5,7%2") == {3, 4, 5, 7} and task_ids("[4-5%1]") == {4, 5}
+    assert task_ids("(null)") == set()
+    assert state_from_scontrol("700_3", SCONTROL_ARRAY).state == "COMPLETED"
+    assert state_from_scontrol("700_5", SCONTROL_ARRAY).reason == "Resources"
+    assert state_from_scontrol("700_6", SCONTROL_ARRAY) is None
+    assert state_from_scontrol("701", SCONTROL_ARRAY).state == "COMPLETED"  # by its own id
+    sacct = "9_3|COMPLETED|0:0|00:01:00|vm\n9_[4-5%1]|PENDING|0:0|00:00:00|None assigned\n"
+    assert state_from_sacct("9_3", sacct).state == "COMPLETED"
+    assert state_from_sacct("9_5", sacct).state == "PENDING"
+    assert state_from_sacct("9_6", sacct) is None
+
+
+def test_an_array_task_requeues_itself_not_the_array():
+    from binaryduo.trainer.runtime.preemption import slurm_job_id
+
+    # the last task to start carries the array's own id as SLURM_JOB_ID: `scontrol requeue 81234`
+    # would requeue every running task of the array
+    assert slurm_job_id({"SLURM_JOB_ID": "81234", "SLURM_ARRAY_JOB_ID": "81234",
+                         "SLURM_ARRAY_TASK_ID": "4"}) == "81234_4"
+    assert slurm_job_id({"SLURM_JOB_ID": "81235"}) == "81235"
+    assert slurm_job_id({}) is None

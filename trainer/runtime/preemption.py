@@ -79,9 +79,21 @@ class Preemption:
             signal.signal(signum, handler)
 
 
+def slurm_job_id(environ=os.environ) -> str | None:
+    """The id to requeue this Slurm job by: ``ARRAYJOB_TASK`` in an array task (the array job's
+    own id names every task of the array, and the last task to start even has it as its
+    ``SLURM_JOB_ID``: requeueing that would end the attempts of every running seed), else
+    ``SLURM_JOB_ID``."""
+    array_job, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return environ.get("SLURM_JOB_ID")
+
+
 def requeue_slurm_job() -> str:
-    """Requeues this Slurm job (rank 0 only); returns what was done, for the log line."""
-    job = os.environ.get("SLURM_JOB_ID")
+    """Requeues this Slurm job, or this task of a job array (rank 0 only); returns what was
+    done, for the log line."""
+    job = slurm_job_id()
     if not job:
         return "not a Slurm job: resume with `binaryduo train ... --resume RUN_DIR`"
     if os.environ.get("BINARYDUO_NO_REQUEUE") == "1":

@@ -53,7 +53,12 @@ class RecordSender:
                              f"{record.get('run_id') or record.get('name')}{where}: "
                              f"{kind}{' '.join(str(error).split())[:300]}")
 
-    def _experiment_id(self) -> str:
+    def ensure_experiment(self) -> str:
+        """The experiment's id, created (artifacts beside a sqlite store) if it does not exist.
+        Another process may create it between the look-up and the create (the tasks of a Slurm
+        array start together): then the create fails and the look-up is repeated."""
+        from mlflow.exceptions import MlflowException
+
         if self.experiment_id is None:
             found = self.mlflow.get_experiment_by_name(self.experiment)
             if found is not None:
@@ -64,8 +69,14 @@ class RecordSender:
                     # keep artifacts beside the database, not wherever the process happens to run
                     db = Path(self.uri.removeprefix("sqlite:///"))
                     location = (db.parent / "mlartifacts" / self.experiment).resolve().as_uri()
-                self.experiment_id = self.mlflow.create_experiment(
-                    self.experiment, artifact_location=location)
+                try:
+                    self.experiment_id = self.mlflow.create_experiment(
+                        self.experiment, artifact_location=location)
+                except MlflowException:
+                    found = self.mlflow.get_experiment_by_name(self.experiment)
+                    if found is None:  # not the race: a real refusal
+                        raise
+                    self.experiment_id = found.experiment_id
         return self.experiment_id
 
     def canonical(self, run_id: str | None) -> str | None:
@@ -91,7 +102,7 @@ class RecordSender:
         return found
 
     def _find_by_local_id(self, local_id: str) -> str | None:
-        runs = self.mlflow.search_runs([self._experiment_id()],
+        runs = self.mlflow.search_runs([self.ensure_experiment()],
                                        filter_string=f"tags.`{LOCAL_ID_TAG}` = '{local_id}'",
                                        max_results=1)
         return runs[0].info.run_id if runs else None
@@ -112,7 +123,7 @@ class RecordSender:
                 tags[PARENT_TAG] = self.real_id(record["parent"])
             if local_id is not None:
                 tags[LOCAL_ID_TAG] = local_id
-            return client.create_run(self._experiment_id(), start_time=record["start_time"],
+            return client.create_run(self.ensure_experiment(), start_time=record["start_time"],
                                      tags=tags, run_name=record["name"]).info.run_id
         run_id = self.real_id(record["run_id"])
         if op == "reopen_run":
