@@ -258,7 +258,9 @@ class _BinaryConv2d(torch.autograd.Function):
                     grad_output, x, binary, None, *conv, [True, False, False])[0]
                 del binary
             if ctx.needs_input_grad[1]:
-                shaped = weight if ctx.compute is None else weight.to(ctx.compute)
+                # a stand-in of the weight's shape and the compute dtype, no copy (as
+                # torch.nn.grad.conv2d_weight does): the kernel reads only its shape
+                shaped = grad_output.new_empty(1).expand(weight.shape)
                 grad_binary = torch.ops.aten.convolution_backward(
                     grad_output, x, shaped, None, *conv, [False, True, False])[1]
         if grad_input is not None:  # through autocast's cast of the input, to its dtype

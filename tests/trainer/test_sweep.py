@@ -76,9 +76,9 @@ def test_bad_input_is_refused_before_any_run_starts(args, says, tiny_recipe, run
 
 def test_a_killed_sweep_run_again_ends_with_one_finished_run_per_seed(tiny_recipe, tmp_path,
                                                                       run_binaryduo):
-    """The sweep is killed with SIGKILL while seed 1 trains (between its two stages): its run gets SIGTERM from the kernel
-    (PR_SET_PDEATHSIG) and stops. The same command then skips seed 0, resumes seed 1 in its
-    MLflow run, and starts seed 2."""
+    """The sweep is killed with SIGKILL while seed 1 trains (between its two stages): its run
+    gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and stops. The same command then skips
+    seed 0, resumes seed 1 in its MLflow run, and starts seed 2."""
     db = tmp_path / "mlflow.db"
     command = [str(BIN), "sweep", str(tiny_recipe), "--seeds", "0-1", "--output", "sweep",
                "--tracking-uri", f"sqlite:///{db}", "--smoke"]  # --smoke: 6 runs' time
@@ -135,6 +135,47 @@ def test_a_killed_sweep_run_again_ends_with_one_finished_run_per_seed(tiny_recip
     assert {row["stage"] for row in rows} == {"coupled (coupled)", "finetune (decoupled)",
                                               "finetune: before fine-tune"}
     assert all(row["n"] == 3 and sorted(row["seeds"]) == ["0", "1", "2"] for row in rows)
+
+
+def test_a_second_sweep_in_a_directory_in_use_is_refused(tiny_recipe, run_binaryduo, tmp_path):
+    """Two sweeps in one directory would resume the same run at the same time: the one that
+    finds the lock held (here by the test) starts nothing."""
+    import fcntl
+
+    (tmp_path / "sweep").mkdir()
+    with (tmp_path / "sweep" / ".sweep.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_binaryduo("sweep", tiny_recipe, "--seeds", "0", "--output", "sweep",
+                               cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("binaryduo: error: --output sweep: another sweep is running "
+                                     "in it (it holds sweep/.sweep.lock); wait for it, or stop "
+                                     "it first")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [".sweep.lock"]
+
+
+def test_sigterm_stops_the_run_with_a_checkpoint_and_the_sweep_with_status_75(tiny_recipe,
+                                                                             tmp_path):
+    """SIGTERM to the sweep reaches its run, which checkpoints and exits 75; the sweep stops
+    there (no further seed starts) with the same status and says how to continue."""
+    command = [str(BIN), "sweep", str(tiny_recipe), "--seeds", "0-1", "--output", "sweep",
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--smoke"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    seed0 = tmp_path / "sweep" / "tiny-duo" / "seed-0"
+    deadline = time.monotonic() + 300
+    while not (seed0 / "checkpoints" / "coupled" / "manifest.json").exists():
+        assert sweep.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGTERM)
+    out, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 75, out[-2000:] + err[-2000:]
+    assert "binaryduo: preempted: checkpoint at stage 'finetune'" in err
+    assert "stopped at [1/2] tiny-duo seed 0 (SIGTERM); run the same command again" in err
+    assert not (tmp_path / "sweep" / "tiny-duo" / "seed-1").exists()
+    assert not json.loads((seed0 / "run_state.json").read_text())["finished"]
 
 
 def test_train_tags_refuse_binaryduos_own_and_malformed_ones():

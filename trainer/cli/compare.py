@@ -26,7 +26,9 @@ from binaryduo.trainer.cli.errors import UsageError, one_line_errors
 def _sweep_id(value: str) -> str:
     """``--sweep``: an id, or a sweep directory (``binaryduo sweep --output DIR``), read from its
     sweep.json, so a script need not know the id's hash."""
-    record = Path(value) / "sweep.json"
+    from binaryduo.trainer.cli.sweep import SWEEP_FILE
+
+    record = Path(value) / SWEEP_FILE
     if not Path(value).is_dir():
         return value
     try:

@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "RUN_DIR/mlflow-journal; deliver later with `binaryduo tracking "
                             "replay RUN_DIR`")
     train.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                       help="an MLflow tag on every run of this recipe run, e.g. sweep_id=... "
-                            "(repeatable; binaryduo's own tags such as seed are refused)")
+                       help="an MLflow tag on every run this command creates, e.g. "
+                            "sweep_id=... (repeatable; binaryduo's own tags such as seed are "
+                            "refused; with --resume, runs that exist keep their tags)")
     train.set_defaults(handler=cmd_train)
 
     demo = commands.add_parser(

@@ -25,7 +25,8 @@ an existing DIR's sweep, the tracking server): one ``binaryduo: error:`` line pe
 
 Signals: SIGTERM and SIGUSR1 are passed to the running ``train``, SIGINT (Ctrl-C) as SIGTERM;
 the run checkpoints and exits as preempted (USR1: and requeues the Slurm job), and the sweep
-stops after it with the same status. The run has a session of its own, so a Ctrl-C reaches it
+stops after it with the same status, 75 (also for a signal between two runs; on USR1 it asks
+Slurm to requeue the job itself). One sweep at a time per directory (a lock file). The run has a session of its own, so a Ctrl-C reaches it
 once, through the sweep. A sweep killed outright takes its run with it (the kernel sends the run
 SIGTERM, ``PR_SET_PDEATHSIG``), which then checkpoints as for any preemption.
 """
@@ -33,8 +34,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
+import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,8 +47,10 @@ from pathlib import Path
 from binaryduo.trainer.cli.errors import EXIT_CHECK_FAILED, UsageError, one_line_errors
 from binaryduo.trainer.cli.seeds import parse_seeds, refuse_seed_override
 from binaryduo.trainer.runtime.console import stderr_line
+from binaryduo.trainer.runtime.preemption import EXIT_PREEMPTED
 
 SWEEP_FILE = "sweep.json"
+LOCK_FILE = ".sweep.lock"
 #: signal the sweep receives -> the one it passes to the run in progress (``train`` checkpoints
 #: and stops on TERM, and also requeues the Slurm job on USR1; INT would be a KeyboardInterrupt)
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM,
@@ -68,13 +72,15 @@ class Sweep:
     directory: Path
     runs: list[PlannedRun]
     record: dict          # what sweep.json holds
+    tracking_uris: tuple[str | None, ...] = ()   # the recipes' own logging.tracking_uri
 
 
 def _frozen_text(resolved: dict, source: str, overrides: list[str]) -> str:
     import yaml
 
-    head = (f"# frozen by `binaryduo sweep` from {source}"
-            + (f" with --set {' --set '.join(overrides)}" if overrides else "")
+    # the overrides as JSON: a value holding a line break cannot leave the comment
+    head = (f"# frozen by `binaryduo sweep` from {json.dumps(source)}"
+            + (f" with --set {json.dumps(overrides)}" if overrides else "")
             + "\n# every seed of the sweep trains this file (its own seed set by --set seed=N)\n")
     return head + yaml.safe_dump(resolved, sort_keys=False)
 
@@ -90,6 +96,7 @@ def plan_sweep(recipe_files: list[str], seeds: list[int], overrides: list[str], 
     refuse_seed_override(overrides)
     problems: list[str] = []
     by_name: dict[str, tuple[str, dict, str]] = {}   # name -> (file, resolved, seedless hash)
+    uris: list[str | None] = []
     for path in recipe_files:
         hashes = set()
         for seed in seeds:
@@ -109,12 +116,13 @@ def plan_sweep(recipe_files: list[str], seeds: list[int], overrides: list[str], 
             resolved = recipe.model_dump(mode="json")
             del resolved["seed"]
             by_name[recipe.name] = (path, resolved, hashes.pop())
+            uris.append(recipe.logging.tracking_uri)
     if problems:
         from binaryduo.trainer.recipe import RecipeError
 
         raise RecipeError(problems)
     identity = {"recipes": sorted(h for _, _, h in by_name.values()), "smoke": smoke}
-    sweep_id = "sweep-" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:12]
+    sweep_id = "sweep-" + recipe_hash(identity)[:12]
     directory = Path(output) if output else Path("runs") / "sweeps" / sweep_id
     # seed by seed (every recipe at the first seed, then the next): a sweep cut short still
     # compares the recipes on the seeds it reached
@@ -126,7 +134,16 @@ def plan_sweep(recipe_files: list[str], seeds: list[int], overrides: list[str], 
                           for name, (file, _, digest) in by_name.items()}}
     texts = {name: _frozen_text(resolved, file, overrides)
              for name, (file, resolved, _) in by_name.items()}
-    return Sweep(sweep_id, directory, runs, record), texts
+    return Sweep(sweep_id, directory, runs, record, tuple(uris)), texts
+
+
+def _read_record(path: Path) -> dict | str:
+    """``sweep.json`` as a dict, or why it cannot be read (one line)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return f"{path}: unreadable ({error})"
+    return record if isinstance(record, dict) else f"{path}: not a sweep record (not an object)"
 
 
 def existing_sweep_problem(sweep: Sweep) -> str | None:
@@ -136,13 +153,12 @@ def existing_sweep_problem(sweep: Sweep) -> str | None:
         return f"--output {directory}: exists and is not a directory"
     path = directory / SWEEP_FILE
     if not path.exists():
-        if directory.is_dir() and any(directory.iterdir()):
+        if directory.is_dir() and any(p.name != LOCK_FILE for p in directory.iterdir()):
             return f"--output {directory}: not empty and holds no {SWEEP_FILE}"
         return None
-    try:
-        before = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        return f"{path}: unreadable ({error})"
+    before = _read_record(path)
+    if isinstance(before, str):
+        return before
     if before.get("sweep_id") != sweep.sweep_id:
         return (f"--output {directory} holds sweep {before.get('sweep_id')} (other recipes, "
                 f"--set values or --smoke); this one is {sweep.sweep_id}: choose another --output")
@@ -151,20 +167,42 @@ def existing_sweep_problem(sweep: Sweep) -> str | None:
 
 def run_state(run_dir: Path) -> str:
     """``finished``, ``interrupted`` (a directory to resume) or ``new``."""
-    state = run_dir / "run_state.json"
+    from binaryduo.trainer.run.state import RUN_STATE
+
+    state = run_dir / RUN_STATE
     if state.exists():
         try:
             if json.loads(state.read_text()).get("finished"):
                 return "finished"
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, AttributeError):
             pass  # written atomically, so unreadable means damaged: `train --resume` says how
     return "interrupted" if run_dir.is_dir() else "new"
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the sweep dies (even by SIGKILL)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _lock(directory: Path):
+    """An exclusive lock on the sweep directory for as long as the returned file stays open:
+    two sweeps in one directory would resume the same run twice at once."""
+    handle = (directory / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UsageError(f"--output {directory}: another sweep is running in it (it holds "
+                         f"{directory / LOCK_FILE}); wait for it, or stop it first") from None
+    return handle
+
+
+def _die_with(parent: int):
+    """``preexec_fn`` for a run: SIGTERM when the sweep ``parent`` dies (even by SIGKILL), and
+    no start at all if it died before this took effect. ``prctl`` is looked up here, in the
+    sweep, so the child between fork and exec only calls it (no dlopen after fork)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_up() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(EXIT_PREEMPTED)
+    return set_up
 
 
 def train_command(run: PlannedRun, sweep: Sweep, *, resume: bool, tracking_uri: str | None,
@@ -188,25 +226,50 @@ class _Forwarder:
         self._saved = {sig: signal.signal(sig, self._handle) for sig in FORWARDED}
 
     def _handle(self, signum, frame):
-        self.received = signum
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(FORWARDED[signum])
+        if self.received != signal.SIGUSR1:  # USR1 (stop and requeue) wins, as in `train`
+            self.received = signum
+        self.forward()
+
+    def start(self, command: list[str], preexec) -> subprocess.Popen:
+        self.child = subprocess.Popen(command, start_new_session=True, preexec_fn=preexec)
+        # a signal that came while Popen forked found no child to pass it to
+        self.forward()
+        return self.child
+
+    def forward(self) -> None:
+        if self.received is not None and self.child is not None and self.child.poll() is None:
+            self.child.send_signal(FORWARDED[self.received])
 
     def restore(self) -> None:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
 
 
+def _stopped(sweep: Sweep, where: str, received: int) -> int:
+    """The sweep stops for a signal: the same status as a preempted ``train`` (75), and on
+    SIGUSR1 the Slurm job requeued (a run stopped by USR1 has already asked for it; asking
+    again is harmless, and a run that had not started yet could not)."""
+    from binaryduo.trainer.runtime.preemption import requeue_slurm_job
+
+    action = requeue_slurm_job() if received == signal.SIGUSR1 else \
+        "run the same command again to continue"
+    stderr_line(f"binaryduo: sweep {sweep.sweep_id} stopped at {where} "
+                f"({signal.Signals(received).name}); {action}")
+    return EXIT_PREEMPTED
+
+
 def run_sweep(sweep: Sweep, texts: dict[str, str], *, tracking_uri: str | None,
               smoke: bool) -> int:
     from binaryduo.trainer.run.checkpoint import atomic_write_text
-    from binaryduo.trainer.runtime.preemption import EXIT_PREEMPTED
 
     sweep.directory.mkdir(parents=True, exist_ok=True)
+    lock = _lock(sweep.directory)
     seeds = sorted({run.seed for run in sweep.runs})
     path = sweep.directory / SWEEP_FILE
     if path.exists():  # a continued sweep: remember every seed it has been asked for
-        seeds = sorted(set(seeds) | set(json.loads(path.read_text()).get("seeds", [])))
+        before = _read_record(path)
+        seeds = sorted(set(seeds) | set(before.get("seeds", []) if isinstance(before, dict)
+                                        else []))
     atomic_write_text(path, json.dumps({**sweep.record, "seeds": seeds}, indent=2))
     for name, text in texts.items():
         frozen = sweep.directory / "recipes" / f"{name}.yaml"
@@ -224,34 +287,34 @@ def run_sweep(sweep: Sweep, texts: dict[str, str], *, tracking_uri: str | None,
                 print(f"sweep {sweep.sweep_id} {where}: finished earlier, skipped", flush=True)
                 outcomes.append((run, "finished earlier"))
                 continue
-            if forwarder.received is not None:
-                break
+            if forwarder.received is not None:  # between two runs: none to pass it to
+                return _stopped(sweep, where, forwarder.received)
             print(f"sweep {sweep.sweep_id} {where}: "
                   f"{'resuming' if state == 'interrupted' else 'starting'} in {run.run_dir}",
                   flush=True)
             started = time.monotonic()
-            forwarder.child = subprocess.Popen(
-                train_command(run, sweep, resume=state == "interrupted",
-                              tracking_uri=tracking_uri, smoke=smoke),
-                start_new_session=True, preexec_fn=_die_with_parent)
-            status = forwarder.child.wait()
+            child = forwarder.start(train_command(run, sweep, resume=state == "interrupted",
+                                                  tracking_uri=tracking_uri, smoke=smoke),
+                                    _die_with(os.getpid()))
+            status = child.wait()
             forwarder.child = None
-            took = f"{time.monotonic() - started:.0f} s"
-            if status == EXIT_PREEMPTED or forwarder.received is not None:
-                stderr_line(f"binaryduo: sweep {sweep.sweep_id} stopped at {where} (status "
-                            f"{status}); run the same command again to continue")
-                return status if status != 0 else EXIT_PREEMPTED
+            if forwarder.received is not None or status == EXIT_PREEMPTED:
+                # also a run the signal killed before its handlers were installed (status
+                # -15/-10, while it imported torch): it trained nothing since its last checkpoint
+                return _stopped(sweep, where, forwarder.received or signal.SIGTERM)
             outcomes.append((run, "done" if status == 0 else f"FAILED (status {status})"))
-            print(f"sweep {sweep.sweep_id} {where}: {outcomes[-1][1]} in {took}", flush=True)
+            print(f"sweep {sweep.sweep_id} {where}: {outcomes[-1][1]} in "
+                  f"{time.monotonic() - started:.0f} s", flush=True)
     finally:
         forwarder.restore()
+        lock.close()
     failed = [(run, outcome) for run, outcome in outcomes if outcome.startswith("FAILED")]
     print(f"\nsweep {sweep.sweep_id}: {len(outcomes) - len(failed)} of {len(sweep.runs)} runs "
           f"finished in {sweep.directory}")
     for run, outcome in failed:
         print(f"  {run.recipe_name} seed {run.seed}: {outcome}; its log is above, its directory "
               f"{run.run_dir}")
-    print(f"  compare the seeds: binaryduo compare --by-seed --sweep {sweep.sweep_id}"
+    print(f"  compare the seeds: binaryduo compare --by-seed --sweep {sweep.directory}"
           + (f" --tracking-uri {tracking_uri}" if tracking_uri else "")
           + (" --include-smoke" if smoke else ""), flush=True)
     return EXIT_CHECK_FAILED if failed else 0
@@ -259,7 +322,7 @@ def run_sweep(sweep: Sweep, texts: dict[str, str], *, tracking_uri: str | None,
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from binaryduo.trainer.cli.errors import print_problems
-    from binaryduo.trainer.recipe import RecipeError, load_recipe
+    from binaryduo.trainer.recipe import RecipeError
     from binaryduo.trainer.tracking.server import check_tracking_server, resolve_tracking_uri
     from binaryduo.trainer.tracking.tracker import TrackingUnavailable
 
@@ -272,12 +335,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     problem = existing_sweep_problem(sweep)
     if problem is not None:
         raise UsageError(problem)
-    uris = {resolve_tracking_uri(args.tracking_uri,
-                                 load_recipe(sweep.record["recipes"][name]["file"], args.set)
-                                 .logging.tracking_uri)
-            for name in sweep.record["recipes"]}
     try:
-        for uri in sorted(uris):
+        for uri in sorted({resolve_tracking_uri(args.tracking_uri, own)
+                           for own in sweep.tracking_uris}):
             check_tracking_server(uri)
     except TrackingUnavailable as error:
         raise UsageError(str(error)) from None

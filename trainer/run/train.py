@@ -137,15 +137,15 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
             return EXIT_REFUSED
         version = code_version()
         # what `auto` resolved to on this machine, so runs from CPU and GPU compare honestly
-        tags = {"code_version": code_version_tag(version),
+        # the user's --tag first: binaryduo's own tags below can never be replaced by one
+        tags = {**extra_tags, "code_version": code_version_tag(version),
                 "world_size": str(ctx.world_size), "hardware": hardware(ctx.world_size)["device"],
                 "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
                 "dist_backend": str(torch.distributed.get_backend()),
                 "recipe": recipe.name, "recipe_hash": digest, "smoke": str(smoke).lower(),
                 # runs of one recipe at several seeds: grouped by `compare --by-seed`
                 "seed": str(recipe.seed),
-                "recipe_hash_without_seed": recipe_hash(recipe.identity_without_seed()),
-                **extra_tags}
+                "recipe_hash_without_seed": recipe_hash(recipe.identity_without_seed())}
         if recipe.data.skip_unreadable:
             tags["data_skipped_files"] = str(len(data_check.skipped))
         if ctx.is_main:

@@ -195,6 +195,9 @@ def with_baseline(rows: list[SeedRow], groups: list[SeedGroup], baseline: str
                            f"(recipe_hash_without_seed {', '.join(g.key for g in matches)}); "
                            "pass one of these hashes, or narrow with --filter / --sweep")
     final = {row.group: row for row in rows if row.source == "runs" and row.final}
+    if matches[0].key not in final:  # finished, yet no stage run recorded a result
+        raise CompareError(f"--baseline {baseline!r}: its finished runs have no stage results "
+                           f"in the store")
     base = final[matches[0].key]
 
     def values(group: SeedGroup) -> dict[str, float]:
@@ -205,8 +208,8 @@ def with_baseline(rows: list[SeedRow], groups: list[SeedGroup], baseline: str
     base_values = values(matches[0])
     compared = {}
     for group in groups:
-        row = final[group.key]
-        if group is matches[0] or row.dataset != base.dataset:
+        row = final.get(group.key)
+        if row is None or group is matches[0] or row.dataset != base.dataset:
             continue
         d = compare_samples(values(group), base_values)
         compared[group.key] = replace(
