@@ -1,4 +1,5 @@
 import math
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +132,26 @@ def torchrun_worker():
         return [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(nproc)]
 
     return launch
+
+
+@pytest.fixture
+def compare_cli(capsys, monkeypatch):
+    """``binaryduo compare --tracking-uri STORE_OR_URI ...`` in-process (``cli.main``, no
+    process start-up; the compare tests use real processes where that matters): a
+    CompletedProcess of the exit status, stdout and stderr."""
+    from binaryduo.trainer.cli.main import main
+
+    def call(store_or_uri, *args, cwd=None, check=True):
+        uri = getattr(store_or_uri, "uri", store_or_uri)
+        monkeypatch.chdir(cwd or store_or_uri.root)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        capsys.readouterr()
+        try:
+            code = main(["compare", "--tracking-uri", uri, *map(str, args)])
+        except SystemExit as done:
+            code = done.code
+        out, err = capsys.readouterr()
+        if check:
+            assert code == 0, err
+        return subprocess.CompletedProcess(args, code, out, err)
+    return call

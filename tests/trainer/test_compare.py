@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,25 +32,8 @@ CIFAR_FP = ("--filter", "tags.recipe LIKE 'cifar10_%'",
 
 
 @pytest.fixture
-def compare(capsys, monkeypatch):
-    """``binaryduo compare --tracking-uri STORE ...`` in-process (``cli.main``; a real process is
-    used in test_bad_input and test_plot): exit status, stdout, stderr."""
-    from binaryduo.trainer.cli.main import main
-
-    def call(store_or_uri, *args, cwd=None, check=True):
-        uri = getattr(store_or_uri, "uri", store_or_uri)
-        monkeypatch.chdir(cwd or store_or_uri.root)
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        capsys.readouterr()
-        try:
-            code = main(["compare", "--tracking-uri", uri, *map(str, args)])
-        except SystemExit as done:
-            code = done.code
-        out, err = capsys.readouterr()
-        if check:
-            assert code == 0, err
-        return subprocess.CompletedProcess(args, code, out, err)
-    return call
+def compare(compare_cli):
+    return compare_cli
 
 
 def stage_runs(store, recipe: str) -> dict[str, object]:

@@ -16,7 +16,6 @@ import io
 import json
 import math
 import statistics
-import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -199,23 +198,8 @@ def by_hand(uri, recipe, sweep=None):
 
 
 @pytest.fixture
-def compare(capsys, monkeypatch):
-    """``binaryduo compare --tracking-uri URI ...`` in-process: (exit status, stdout, stderr)."""
-    from binaryduo.trainer.cli.main import main
-
-    def call(uri, *args, cwd, check=True):
-        monkeypatch.chdir(cwd)
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        capsys.readouterr()
-        try:
-            code = main(["compare", "--tracking-uri", uri, *map(str, args)])
-        except SystemExit as done:
-            code = done.code
-        out, err = capsys.readouterr()
-        if check:
-            assert code == 0, err
-        return subprocess.CompletedProcess(args, code, out, err)
-    return call
+def compare(compare_cli):
+    return compare_cli
 
 
 SEEDS = ("--by-seed", "--include-smoke", "--no-paper")

@@ -431,10 +431,18 @@ def plot_comparison(records: list[RunRecord], rows: list[Row], path: Path) -> Pa
                 else f"{row.recipe}: {row.stage.split(' ')[0]}")
         sizes.annotate(text, (row.mbit, row.top1), fontsize=6, xytext=(3, 3),
                        textcoords="offset points")
-    sizes.set(xlabel="model size (Mbit)", ylabel="top-1 (%)",
-              title="accuracy vs size (star: paper)")
-    mbits = [r.mbit for r in shown if r.mbit > 0]
-    if mbits and max(mbits) / min(mbits) > 20:  # e.g. VGG-7 (~10 Mbit) beside AlexNet (~190)
+    return finish_plot(figure, sizes, [r.mbit for r in shown], path,
+                       title="accuracy vs size (star: paper)")
+
+
+def finish_plot(figure, sizes, mbits: list[float], path: Path, *, title: str) -> Path:
+    """The accuracy-vs-size panel's axes (log scale where sizes span > 20x: e.g. VGG-7 at ~10
+    Mbit beside AlexNet at ~190), then the figure saved to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    sizes.set(xlabel="model size (Mbit)", ylabel="top-1 (%)", title=title)
+    mbits = [m for m in mbits if m > 0]
+    if mbits and max(mbits) / min(mbits) > 20:
         sizes.set_xscale("log")
     sizes.grid(alpha=0.3)
     figure.tight_layout()

@@ -358,13 +358,5 @@ def plot_seed_groups(groups: list[SeedGroup], rows: list[SeedRow], path: Path) -
             text = f"{row.recipe}: {row.stage.split(' ')[0]} (n={row.n})"
         sizes.annotate(text, (row.mbit, row.top1_mean), fontsize=6, xytext=(3, 3),
                        textcoords="offset points")
-    sizes.set(xlabel="model size (Mbit)", ylabel="top-1 (%)",
-              title="accuracy vs size, mean ± std over seeds (star: paper)")
-    mbits = [r.mbit for r in shown if r.mbit > 0]
-    if mbits and max(mbits) / min(mbits) > 20:
-        sizes.set_xscale("log")
-    sizes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return compare.finish_plot(figure, sizes, [r.mbit for r in shown], path,
+                               title="accuracy vs size, mean ± std over seeds (star: paper)")
