@@ -45,7 +45,8 @@ test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 # The seed study behind the README's "Seed study" table: BNN vs BinaryDuo on Fashion-MNIST at the
-# demo's budget, FP weights and binary weights, seeds 0-2 (12 runs; about an hour on 2 cores).
+# demo's budget, FP weights and binary weights, seeds 0-2 (12 runs, each like one of `make demo`'s
+# two).
 # A `binaryduo sweep`: run it again after an interruption and it continues where it stopped.
 STUDY_SEEDS ?= 0-2
 STUDY_DB ?= sqlite:///$(CURDIR)/mlflow.db

@@ -49,9 +49,9 @@ def demo_table(uri: str, experiment: str = "binaryduo") -> str:
               for name, top1, mbit, mflops in rows]
     lines.append(f"BinaryDuo - BNN: {finetune['val_top1'] - bnn['val_top1']:+.2f} points at "
                  f"this one seed; seed noise is of the same size, so this is not the claim's test")
-    lines.append(f"the seed study (both methods x FP / binary weights x 3 seeds, about an hour): "
-                 f"`{STUDY_COMMAND}`; its result, mean ± std and the difference's 95 % "
-                 f"interval: README, \"Seed study\"")
+    lines.append(f"several seeds: `{STUDY_COMMAND}` (both methods, FP and binary weights, 3 "
+                 f"seeds each: 12 runs like these two); its result, mean ± std and the "
+                 f"difference's 95 % interval, is in the README's \"Seed study\"")
     return "\n".join(lines)
 
 
