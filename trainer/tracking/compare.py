@@ -436,8 +436,7 @@ def plot_comparison(records: list[RunRecord], rows: list[Row], path: Path) -> Pa
 
 
 def finish_plot(figure, sizes, mbits: list[float], path: Path, *, title: str) -> Path:
-    """The accuracy-vs-size panel's axes (log scale where sizes span > 20x: e.g. VGG-7 at ~10
-    Mbit beside AlexNet at ~190), then the figure saved to ``path`` and closed."""
+    """The size panel's axes (log where sizes span > 20x: VGG-7 ~10 Mbit, AlexNet ~190); saved."""
     import matplotlib.pyplot as plt
 
     sizes.set(xlabel="model size (Mbit)", ylabel="top-1 (%)", title=title)
