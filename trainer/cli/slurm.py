@@ -35,6 +35,8 @@ from binaryduo.slurm.submit import (SlurmError, frozen_recipe_text, max_array_si
                                     submission_record, submit_run, sweep_record)
 from binaryduo.trainer.cli.errors import EXIT_CHECK_FAILED as EXIT_FAILED
 from binaryduo.trainer.cli.errors import UsageError, print_problems
+from binaryduo.trainer.cli.sweep import SWEEP_FILE, read_sweep_record
+from binaryduo.trainer.run.state import RUN_STATE
 
 
 def _binaryduo_executable() -> str:
@@ -50,7 +52,7 @@ def _recorded_hash_problem(run_dir: Path, recipe, *, smoke: bool) -> str | None:
     from binaryduo.trainer.run.train import smoke_recipe
     from binaryduo.trainer.tracking.provenance import recipe_hash
 
-    state = run_dir / "run_state.json"
+    state = run_dir / RUN_STATE
     if not state.exists():
         return None
     digest = recipe_hash((smoke_recipe(recipe) if smoke else recipe).identity())
@@ -76,7 +78,7 @@ def _existing_run_problem(run_dir: Path, resolved: dict, *, smoke: bool,
     if not run_dir.is_dir():
         return None
     if seeds and not is_array(run_dir) and ((run_dir / FROZEN_RECIPE).exists()
-                                            or (run_dir / "run_state.json").exists()):
+                                            or (run_dir / RUN_STATE).exists()):
         return (f"--output {run_dir} holds a single job's run, not a job array of seeds; "
                 f"choose a new --output for --seeds")
     if not seeds and is_array(run_dir):
@@ -123,10 +125,8 @@ def _existing_run_problem(run_dir: Path, resolved: dict, *, smoke: bool,
 
 def _previous_sweep(run_dir: Path) -> dict:
     """An array directory's ``sweep.json`` ({} when there is none)."""
-    try:
-        return json.loads((run_dir / "sweep.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    record = read_sweep_record(run_dir / SWEEP_FILE)
+    return record if isinstance(record, dict) else {}
 
 
 def _array_plan(args: argparse.Namespace) -> tuple[list[int], str] | None:
@@ -243,7 +243,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     extra = None
     if seeds:
         every = set(array[0]) | set(_previous_sweep(run_dir).get("seeds") or [])
-        extra = {"sweep.json": sweep_record(sweep_id=sweep_id, seeds=sorted(every),
+        extra = {SWEEP_FILE: sweep_record(sweep_id=sweep_id, seeds=sorted(every),
                                             smoke=args.smoke)}
         _prepare_tracking_store(args.tracking_uri, recipe)
     try:

@@ -137,7 +137,7 @@ def plan_sweep(recipe_files: list[str], seeds: list[int], overrides: list[str], 
     return Sweep(sweep_id, directory, runs, record, tuple(uris)), texts
 
 
-def _read_record(path: Path) -> dict | str:
+def read_sweep_record(path: Path) -> dict | str:
     """``sweep.json`` as a dict, or why it cannot be read (one line)."""
     try:
         record = json.loads(path.read_text())
@@ -156,7 +156,7 @@ def existing_sweep_problem(sweep: Sweep) -> str | None:
         if directory.is_dir() and any(p.name != LOCK_FILE for p in directory.iterdir()):
             return f"--output {directory}: not empty and holds no {SWEEP_FILE}"
         return None
-    before = _read_record(path)
+    before = read_sweep_record(path)
     if isinstance(before, str):
         return before
     if before.get("sweep_id") != sweep.sweep_id:
@@ -267,7 +267,7 @@ def run_sweep(sweep: Sweep, texts: dict[str, str], *, tracking_uri: str | None,
     seeds = sorted({run.seed for run in sweep.runs})
     path = sweep.directory / SWEEP_FILE
     if path.exists():  # a continued sweep: remember every seed it has been asked for
-        before = _read_record(path)
+        before = read_sweep_record(path)
         seeds = sorted(set(seeds) | set(before.get("seeds", []) if isinstance(before, dict)
                                         else []))
     atomic_write_text(path, json.dumps({**sweep.record, "seeds": seeds}, indent=2))
