@@ -8,6 +8,7 @@ placeholder id ``local-<hex>``, resolved here to its MLflow id.
 """
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,22 @@ from binaryduo.trainer.tracking.journal import Journal
 PARENT_TAG = "mlflow.parentRunId"
 LOCAL_ID_TAG = "binaryduo.local_run_id"
 LOCAL_PREFIX = "local-"
+
+
+def open_client(uri: str):
+    """An ``MlflowClient`` on ``uri`` whose store is open. A sqlite store is opened under an
+    exclusive lock on ``<database>.lock`` beside it: opening a new database creates its tables by
+    Alembic migrations, and two processes doing that at once make one fail ("Online migration
+    expected to match one row ... in 'alembic_version'"; seen with two sweeps started together on
+    one new database). Later opens skip the migrations; the lock only orders the first access."""
+    from mlflow.tracking import MlflowClient
+
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if database is None or not database.parent.is_dir():  # mlflow's own error names the folder
+        return MlflowClient(tracking_uri=uri)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return MlflowClient(tracking_uri=uri)  # opens the store: creates the tables if new
 
 
 class TrackingError(RuntimeError):
@@ -36,9 +53,7 @@ class RecordSender:
     @property
     def mlflow(self):
         if self._mlflow is None:
-            from mlflow.tracking import MlflowClient
-
-            self._mlflow = MlflowClient(tracking_uri=self.uri)
+            self._mlflow = open_client(self.uri)
         return self._mlflow
 
     def rejected(self, record: dict[str, Any], error: BaseException) -> TrackingError:
