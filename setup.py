@@ -10,7 +10,7 @@ PACKAGE_DIRS = {
     "binaryduo.data": "data",
     "binaryduo.trainer": "trainer",
     **{f"binaryduo.trainer.{sub}": f"trainer/{sub}"
-       for sub in ("cli", "recipe", "run", "runtime", "tracking", "analysis")},
+       for sub in ("cli", "recipe", "run", "runtime", "tracking", "analysis", "export")},
     # Slurm jobs rendered, submitted and followed, beside the sbatch template (package data)
     "binaryduo.slurm": "slurm",
     # data, not code: the shipped recipes, found with importlib.resources (``binaryduo demo``)
@@ -30,6 +30,9 @@ INSTALL_REQUIRES = [
     "pydantic>=2",
     "tqdm>=4",
     "matplotlib>=3",  # training-curve PNGs (also an mlflow dependency)
+    # the inference engine of exported binary networks: its CPU plugin runs BinaryConvolution as a
+    # bit-packed xnor-popcount kernel (docs/dependencies.md); installs beside torch's numpy 2.4
+    "openvino==2026.4.1",
     "scipy>=1.10",  # Student t quantiles / p-values of `compare --by-seed --baseline` (also an
     # mlflow dependency, 1.17 installed; named because binaryduo now imports it itself)
 ]
