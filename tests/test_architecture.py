@@ -36,6 +36,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "binaryduo.trainer.runtime": ("binaryduo.trainer.run", "binaryduo.trainer.cli"),
     "binaryduo.trainer.tracking": ("binaryduo.trainer.run", "binaryduo.trainer.cli"),
     "binaryduo.trainer.analysis": ("binaryduo.trainer.run", "binaryduo.trainer.cli"),
+    "binaryduo.trainer.export": ("binaryduo.trainer.run", "binaryduo.trainer.cli"),
     "binaryduo.trainer.run": ("binaryduo.trainer.cli",),
 }
 
