@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_tracking_commands(commands)
 
+    from binaryduo.trainer.cli.export import register as register_export_command
+
+    register_export_command(commands)
+
     report = commands.add_parser(
         "report", help="model size (Mbit) and FLOPs by the paper's counting rules",
         description="Per-layer cost table of a registered model, or a summary of all of them.")

@@ -5,8 +5,8 @@ binaryduo: a model logged by ``binaryduo export`` loads with ``mlflow.pyfunc.loa
 ``mlflow models serve``) wherever ``mlflow``, ``numpy`` and ``openvino`` are installed. It is
 passed to MLflow by path (``trainer/export/serving.py``), never imported by binaryduo.
 
-Input: a float32 batch N x C x H x W, normalized as the training pipeline feeds the network (the
-mean/std are in the model's metadata); a single image C x H x W is taken as a batch of one.
+Input: a float32 batch N x C x H x W, normalized as the training pipeline feeds the network (its
+data preset's mean and std).
 Output: the logits, N x classes (float32).
 """
 import numpy as np
@@ -15,21 +15,32 @@ from mlflow.pyfunc import PythonModel
 
 
 class BinaryNetworkModel(PythonModel):
+    """Compiles the IR once per batch size it is asked for: OpenVINO's CPU BinaryConvolution
+    runs static shapes only, so the IR is reshaped to each request's batch (and cached)."""
+
     def load_context(self, context):
         import openvino
 
-        # f32 inference: on CPUs with bf16 support OpenVINO would otherwise run the float
-        # layers in bf16 and the logits would differ from the verified ones
-        self._compiled = openvino.Core().compile_model(
-            context.artifacts["model_xml"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self._core = openvino.Core()
+        self._model = self._core.read_model(context.artifacts["model_xml"])
+        self._compiled = {}
+
+    def _for_batch(self, batch: int):
+        if batch not in self._compiled:
+            model = self._model.clone()
+            model.reshape([batch, *list(model.input(0).get_shape())[1:]])
+            # f32 inference: on CPUs with bf16 support OpenVINO would otherwise run the float
+            # layers in bf16 and the logits would differ from the verified ones
+            self._compiled[batch] = self._core.compile_model(
+                model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return self._compiled[batch]
 
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, dict):  # a named tensor, e.g. from a JSON request
             (model_input,) = model_input.values()
         images = np.ascontiguousarray(np.asarray(model_input, dtype=np.float32))
-        if images.ndim == 3:
-            images = images[None]
-        return self._compiled(images)[self._compiled.output(0)]
+        compiled = self._for_batch(len(images))
+        return np.array(compiled(images)[compiled.output(0)])
 
 
 set_model(BinaryNetworkModel())

@@ -50,6 +50,9 @@ class VerificationReport:
     runtime_layer_types: dict[str, int]
     passed: bool
     reason: str
+    #: with labels: top-1 (%) of the IR and of the PyTorch reference on the same images
+    ir_top1: float | None = None
+    reference_top1: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,21 +115,25 @@ def runtime_binary_layers(compiled: ov.CompiledModel) -> tuple[dict[str, str], i
     return layers, kernels, types
 
 
-def reference_logits(torch_model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The model's eval forward in float64 on the CPU (a copy; the model is left untouched)."""
+def reference_logits(torch_model: nn.Module, images: torch.Tensor,
+                     chunk: int = 256) -> torch.Tensor:
+    """The model's eval forward in float64 on the CPU (a copy; the model is left untouched), in
+    chunks of ``chunk`` images (a whole test set at once would hold every activation)."""
     reference = copy.deepcopy(torch_model).to(device="cpu", dtype=torch.float64).eval()
     with torch.no_grad():
-        return reference(images.to(device="cpu", dtype=torch.float64))
+        return torch.cat([reference(part.to(device="cpu", dtype=torch.float64))
+                          for part in images.split(chunk)])
 
 
 def verify(ir_or_compiled: ov.Model | ov.CompiledModel | str | Path, torch_model: nn.Module,
-           images, *, max_abs_dlogit: float | None = None,
+           images, *, max_abs_dlogit: float | None = None, labels=None,
            core: ov.Core | None = None) -> VerificationReport:
     """Runs the IR (an ``ov.Model``, a path to its ``.xml``, or a compiled model) and the PyTorch
     model on ``images`` (N, C, H, W) and reports identical predictions, max |logit difference|
     and the binary kernels of the runtime graph. An uncompiled IR is compiled on the CPU with
     float32 inference precision at the batch size of ``images``; a compiled one is used as it is
     (chunks of its batch size). ``max_abs_dlogit``: also require the difference to stay below it.
+    ``labels``: also report both top-1 accuracies.
     """
     images = torch.as_tensor(images)
     if isinstance(ir_or_compiled, ov.CompiledModel):
@@ -142,6 +149,11 @@ def verify(ir_or_compiled: ov.Model | ov.CompiledModel | str | Path, torch_model
                          f"{reference.shape}: not an export of this model")
 
     identical = int((logits.argmax(1) == reference.argmax(1)).sum())
+    top1 = {}
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        top1 = {"ir_top1": 100.0 * float((logits.argmax(1) == labels).mean()),
+                "reference_top1": 100.0 * float((reference.argmax(1) == labels).mean())}
     max_dlogit = float(np.abs(logits - reference).max())
     expected = binary_layer_names(torch_model)
     layers, kernels, types = runtime_binary_layers(compiled)
@@ -167,4 +179,4 @@ def verify(ir_or_compiled: ov.Model | ov.CompiledModel | str | Path, torch_model
         binary_kernels=kernels, binary_layers={name: layers[name] for name in expected
                                                 if name in layers},
         binary_primitive_types=sorted(set(layers.values())), missing_binary_layers=missing,
-        runtime_layer_types=dict(sorted(types.items())), passed=not reason, reason=reason)
+        runtime_layer_types=dict(sorted(types.items())), passed=not reason, reason=reason, **top1)
