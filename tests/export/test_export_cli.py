@@ -26,24 +26,24 @@ def binary_run(tmp_path_factory, fashion_mnist, tiny_recipe_text, run_binaryduo)
 
 
 def test_a_run_exports_verified_and_logged_and_serves(binary_run, run_binaryduo):
-    result = run_binaryduo("export", "run", "--verify", "300", cwd=binary_run)
+    result = run_binaryduo("export", "run", "--verify", "all", cwd=binary_run)  # 10,000 images
     output = binary_run / "run" / "export" / "finetune-openvino"
     report = json.loads((output / "export_report.json").read_text())
     check = report["verification"]
     assert check["passed"] and check["reason"] == ""
-    assert check["samples"] == check["identical_predictions"] == 300
+    assert check["samples"] == check["identical_predictions"] == 10000  # the whole test set
     # vgg7's five binary convolutions (conv2..conv6) run the bit-packed kernel
     assert check["expected_binary_kernels"] == check["binary_kernels"] == 5
     assert check["binary_primitive_types"] and all(
         "u1" in kind for kind in check["binary_primitive_types"])
     assert check["ir_top1"] == check["reference_top1"]
     assert report["variant"] == "decoupled" and report["stage"] == "finetune"
-    assert "300/300 identical predictions" in result.stdout and "verified" in result.stdout
+    assert "10000/10000 identical predictions" in result.stdout and "verified" in result.stdout
 
     client = MlflowClient(tracking_uri=f"sqlite:///{binary_run / 'mlflow.db'}")
     state = json.loads((binary_run / "run" / "run_state.json").read_text())
     stage_run = client.get_run(state["stage_run_ids"]["finetune"])
-    assert stage_run.data.metrics["export_identical_predictions"] == 300
+    assert stage_run.data.metrics["export_identical_predictions"] == 10000
     assert stage_run.data.metrics["export_binary_kernels"] == 5
     assert stage_run.data.tags["export_verified"] == "true"
     logged = {a.path for a in client.list_artifacts(stage_run.info.run_id, "export/openvino")}
