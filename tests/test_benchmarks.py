@@ -3,6 +3,7 @@
 foolbox JPEGs, and prints a row per (model, variant, data source) whose numbers make sense."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,63 @@ def test_train_throughput_quick(foolbox_data):
             assert float(r["x fp"]) > 0, r
     assert "targets (issue 14)" in result.stdout
     assert "not applicable to this run" in result.stdout  # a CPU run is not judged by them
+
+
+def test_binary_inference_quick(tmp_path):
+    """``benchmarks/binary_inference.py --quick`` (issue 16): every model's binary IR passes
+    ``verify`` and its fp32 twin runs float convolutions only, before anything is timed; the three
+    tables and the verdict lines are printed and the JSON holds every measurement. The verdicts
+    themselves are not asserted (a loaded machine moves them); the kernels are."""
+    out = tmp_path / "binary_inference.json"
+    script = REPO / "benchmarks" / "binary_inference.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], cwd=REPO,
+                            text=True, capture_output=True, timeout=300)
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = result.stdout
+    names = ("resnet18", "alexnet", "vgg7")
+    assert stdout.count("verify binary IR vs float64 PyTorch: PASS") == len(names)
+    assert stdout.count("fp32 twin check: PASS") == len(names)
+    for title in ("whole network", "per layer", "size", "targets (issue 16)"):
+        assert f"\n{title}" in stdout, title
+
+    data = json.loads(out.read_text())
+    assert {"benchmark", "quick", "batches", "threads", "repeats", "models", "whole", "layers",
+            "targets", "load_before", "load_after", "versions"} <= set(data)
+    assert data["quick"] is True and data["batches"] == [1] and data["threads"][0] == 1
+    assert list(data["models"]) == list(names)
+    for name, entry in data["models"].items():
+        assert {"options", "input_size", "binary_convs", "firing_rate", "verify", "fp32_twin",
+                "size"} <= set(entry), name
+        assert entry["verify"]["passed"] and entry["fp32_twin"]["passed"], name
+        assert entry["fp32_twin"]["binary_convolution_nodes"] == 0, name
+        assert 0.05 < entry["firing_rate"]["min"] <= entry["firing_rate"]["max"] < 0.95, name
+        size = entry["size"]
+        assert size["ir_bytes"] > 0 and size["paper_mbit"] > 0, name
+        assert size["ratio"] == pytest.approx(size["ir_mbit"] / size["paper_mbit"])
+        assert size["verdict"] == ("PASS" if size["ratio"] <= 1.3 else "FAIL")
+    configs = len(data["batches"]) * len(data["threads"])
+    assert sorted(r["model"] for r in data["whole"]) == sorted(names * configs)
+    for row in data["whole"]:
+        for engine in ("torch", "ov_fp32", "binary"):
+            assert row[f"{engine}_ms"] > 0, row
+            assert row[f"{engine}_img_s"] == pytest.approx(row["batch"] * 1e3 / row[f"{engine}_ms"])
+        assert row["x_ov_fp32"] == pytest.approx(row["ov_fp32_ms"] / row["binary_ms"])
+    layers = data["layers"]
+    for name, entry in data["models"].items():
+        rows = [r for r in layers if r["model"] == name]
+        assert len(rows) == len(entry["binary_convs"]) * configs, name
+    for row in layers:
+        assert row["binary_kernel"].endswith("_u1") and row["ov_fp32_kernel"].endswith("_f32"), row
+        assert row["binary_ms"] > 0 and row["ov_fp32_ms"] > 0, row
+        assert (row["target"] is not None) == (row["model"] == "resnet18"), row
+        if row["target"] is not None:
+            assert row["verdict"] == ("PASS" if row["ratio"] >= row["target"] else "FAIL"), row
+    # the ResNet-18 stage-3/4 convs (baseline 256/512 channels) carry the 4x target, the rest 2.5x
+    resnet_targets = [r["target"] for r in layers if r["model"] == "resnet18"][:16]
+    assert resnet_targets == [2.5] * 8 + [4.0] * 8
+    targets = {t["target"]: t for t in data["targets"]}
+    assert len(targets) == configs + 2 + len(names)  # conv sets, whole net x2, sizes
+    for target in targets.values():
+        assert target["verdict"] in ("PASS", "FAIL")
+        assert f"{target['verdict']:<4}  {target['target']}: {target['measured']}" in stdout
