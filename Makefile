@@ -66,6 +66,7 @@ bench: install
 	$(PY) benchmarks/quantizer_overhead.py
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/preresize.py
+	$(PY) benchmarks/binary_inference.py
 	# sized for a GPU (batch 256, 224 px); without CUDA its --quick smoke
 	$(PY) benchmarks/train_throughput.py $$($(PY) -c 'import torch; print("" if torch.cuda.is_available() else "--quick")')
 
