@@ -114,3 +114,24 @@ def test_bad_input_is_refused_before_any_export(binary_run, run_binaryduo, tmp_p
                                                  "--output", taken)
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
     assert (taken / "notes.txt").read_text() == "mine"
+
+
+def test_a_store_that_refuses_the_record_keeps_the_verified_export(binary_run, run_binaryduo,
+                                                                    tmp_path):
+    """A store without the run (here: another, empty one): exit 1, one line, files intact; a
+    store that does not exist is refused before the export (nothing is created)."""
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    assert "no MLflow store there" in _refused(run_binaryduo, tmp_path, binary_run / "run",
+                                               "--random", "--output", tmp_path / "never",
+                                               "--tracking-uri", missing)
+    assert not (tmp_path / "never").exists() and not (tmp_path / "missing.db").exists()
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'other.db'}").search_experiments()
+    result = run_binaryduo("export", binary_run / "run", "--random", "--verify", "8",
+                           "--output", tmp_path / "out", "--tracking-uri",
+                           f"sqlite:///{tmp_path / 'other.db'}", cwd=tmp_path, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "but not logged to run" in lines[0], result.stderr
+    assert json.loads((tmp_path / "out" / "export_report.json").read_text())[
+        "verification"]["passed"]
+    assert (tmp_path / "out" / "model.bin").stat().st_size > 0

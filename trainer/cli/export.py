@@ -155,6 +155,9 @@ def _tracking(args: argparse.Namespace, run_dir: Path | None, stage: str | None)
         uri = (Journal(run_dir).last_session() or {}).get("uri")
     if run_id is None or run_id.startswith("local-") or uri is None:
         return None, None
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UsageError(f"--tracking-uri {uri}: no MLflow store there (the run's record is "
+                         f"elsewhere; or pass --no-tracking)")
     return uri, run_id
 
 
@@ -203,7 +206,13 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{report.expected_binary_kernels} binary kernels "
           f"({', '.join(report.binary_primitive_types) or 'none'}){accuracy}")
     if uri is not None:
-        _log(uri, run_id, output, xml, config, report, payload)
+        try:
+            _log(uri, run_id, output, xml, config, report, payload)
+        except Exception as error:  # a store that went away or refused: the files stay valid
+            stderr_line(f"binaryduo: export written to {output} but not logged to run {run_id} "
+                        f"at {uri}: {type(error).__name__}: "
+                        f"{' '.join(str(error).split())[:200]}")
+            return EXIT_CHECK_FAILED
     if not report.passed:
         stderr_line(f"binaryduo: export verification failed: {report.reason} "
                     f"(report: {output / REPORT_FILE})")
