@@ -43,6 +43,7 @@ from torch import nn
 from binaryduo import models
 from binaryduo.models.cost import cost_report
 from binaryduo.models.layers import ActQuant
+from binaryduo.models.testing import firing_rates, randomize_batchnorm_near_data_
 from binaryduo.models.resnet import FINAL_WIDTH, STAGE_BASELINE, STAGE_COUPLED
 from binaryduo.trainer.export import ExportSummary, LayerRecord, save_ir, to_openvino, verify
 from binaryduo.trainer.export.fp32_twin import fp32_twin
@@ -62,26 +63,14 @@ SETUPS = {"resnet18": ({}, {"input_size": 64, "width_mult": 0.5}),
 
 @torch.no_grad()
 def random_decoupled(name: str, options: dict, seed: int) -> nn.Module:
-    """A random coupled model, decoupled; BN: gamma +-U(0.5, 1.5), beta U(-0.25, 0.75), statistics
-    of one train-mode batch moved ~0.2 std and scaled U(0.5, 1.5): units straddle the thresholds."""
+    """A random coupled model with BN statistics near the data's (``randomize_batchnorm_near_data_``:
+    units straddle the thresholds), decoupled."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = models.build(name, "coupled", weight_bits=1, **options)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in norms:
-        n = bn.num_features
-        sign = torch.where(torch.rand(n, generator=gen) < 0.3, -1.0, 1.0)
-        bn.weight.copy_(sign * (0.5 + torch.rand(n, generator=gen)))
-        bn.bias.copy_(torch.rand(n, generator=gen) - 0.25)
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative: one batch sets the statistics to its own
     c = model.config
-    model.train()(torch.randn(8, c.in_channels, c.input_size, c.input_size, generator=gen))
-    for bn in norms:
-        n = bn.num_features
-        bn.running_mean.add_(0.2 * bn.running_var.sqrt() * torch.randn(n, generator=gen))
-        bn.running_var.mul_(0.5 + torch.rand(n, generator=gen))
-        bn.momentum = 0.1
+    images = torch.randn(8, c.in_channels, c.input_size, c.input_size, generator=gen)
+    randomize_batchnorm_near_data_(model, images, gen)
     return models.decouple(model.eval()).eval()
 
 
@@ -179,13 +168,7 @@ def measure_model(name: str, options: dict, args, core: ov.Core, result: dict) -
     ir1, summary = to_openvino(model, shape1)
     report = verify(ir1, model, images, core=core)
     twin = check_twin(*fp32_twin(model, shape1), model, summary, images, core)
-    rates: list[float] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: rates.append(float(out.mean())))
-             for m in model.modules() if isinstance(m, ActQuant)]
-    with torch.no_grad():
-        model(images)
-    for hook in hooks:
-        hook.remove()
+    rates = firing_rates(model, images, ActQuant)
     print(f"\n== {name} decoupled, {config.input_size} px, options {options or 'paper defaults'}: "
           f"{summary.binary_convolutions} binary convs; activations fire on "
           f"{min(rates):.0%}..{max(rates):.0%} (median {statistics.median(rates):.0%})")

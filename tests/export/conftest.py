@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from binaryduo import models
+from binaryduo.models.testing import randomize_batchnorm_near_data_
 
 #: Options that keep every architecture to a fraction of a second; the widths are deliberately
 #: not multiples of 8 (vgg7 bnn 13-13-26-26-102-102, coupled 9-9-18-18-67 -> decoupled inputs
@@ -19,39 +20,6 @@ SMALL_OPTIONS = {
     "resnet18_sc": {"width_mult": 0.15, "input_size": 64},
 }
 ARCHITECTURES = tuple(SMALL_OPTIONS)
-
-
-def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def randomize_batchnorm_near_data_(model: nn.Module, images: torch.Tensor,
-                                   generator: torch.Generator) -> nn.Module:
-    """gamma = +-U(0.5, 1.5) (30 % negative), beta = U(-0.25, 0.75); running statistics are the
-    statistics of ``images`` (one train-mode pass) moved by up to ~0.2 std and scaled by
-    U(0.5, 1.5), so pre-activations straddle the 1/2 threshold."""
-    norms = batchnorms(model)
-    for bn in norms:
-        n = bn.num_features
-        sign = torch.where(torch.rand(n, generator=generator) < 0.3, -1.0, 1.0)
-        bn.weight.copy_(sign * (0.5 + torch.rand(n, generator=generator)))
-        bn.bias.copy_(torch.rand(n, generator=generator) - 0.25)
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average: one batch sets the running statistics to its own
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.eval()
-    model(images)
-    model.eval()
-    for bn in norms:
-        n = bn.num_features
-        std = bn.running_var.sqrt()
-        bn.running_mean.add_(0.2 * std * torch.randn(n, generator=generator))
-        bn.running_var.mul_(0.5 + torch.rand(n, generator=generator))
-        bn.momentum = 0.1
-    return model
 
 
 def images_for(model: nn.Module, count: int, generator: torch.Generator) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 
 from binaryduo import models
 from binaryduo.models.layers import ActQuant, QConv2d
+from binaryduo.models.testing import firing_rates
 from binaryduo.trainer.export import ExportRefused, ir_graph, to_openvino, verify
 from binaryduo.trainer.export.ir_graph import Affine, ConvGeometry
 
@@ -33,24 +34,13 @@ def _float_layer_names(model: nn.Module) -> list[str]:
             or (isinstance(m, nn.Conv2d) and not isinstance(m, QConv2d))]
 
 
-def _firing_rates(model: nn.Module, images: torch.Tensor) -> list[float]:
-    rates = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: rates.append(float(out.mean())))
-             for m in model.modules() if isinstance(m, ActQuant)]
-    with torch.no_grad():
-        model(images)
-    for hook in hooks:
-        hook.remove()
-    return rates
-
-
 @pytest.mark.parametrize("variant", ["bnn", "decoupled"])
 @pytest.mark.parametrize("name", models.names())
 def test_ir_matches_pytorch_and_runs_binary_kernels(name, variant, make_model):
     model, images = make_model(name, variant)
     # the check is only as strong as the thresholds it crosses: every binary activation fires on
     # a good share of its inputs (random BN statistics near the data's, negative gammas included)
-    assert all(0.1 < rate < 0.9 for rate in _firing_rates(model, images))
+    assert all(0.1 < rate < 0.9 for rate in firing_rates(model, images, ActQuant))
 
     ir, summary = to_openvino(model, images.shape)
     report = verify(ir, model, images, max_abs_dlogit=DLOGIT_BOUND)
