@@ -45,3 +45,20 @@ def test_processes_open_one_new_sqlite_store_together(tmp_path):
     assert [e.name for e in experiments].count("binaryduo") == 1
     runs = client.search_runs([client.get_experiment_by_name("binaryduo").experiment_id])
     assert sorted(r.data.metrics["val_top1"] for r in runs) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_the_experiment_is_a_training_experiment_new_or_old(tmp_path):
+    """MLflow 3's UI opens an experiment by its kind: binaryduo's is created as model training,
+    and one made before (no kind) gets the tag; a kind someone set is left alone."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("old")
+    client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("binaryduo", "old", "chosen"):
+        RecordSender(uri, name, journal=None).ensure_experiment()
+    kinds = {name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind")
+             for name in ("binaryduo", "old", "chosen")}
+    assert kinds == {"binaryduo": "custom_model_development", "old": "custom_model_development",
+                     "chosen": "genai_development"}

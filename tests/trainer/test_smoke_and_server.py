@@ -44,6 +44,8 @@ def test_smoke_every_recipe(recipe, precision, smoke_store, smoke_stage_computes
     shipped = yaml.safe_load((REPO / recipe).read_text())
     assert len(stages) == len(runs) - 1 == len(shipped["stages"])
     assert parent.data.params["model.name"] == shipped["model"]["name"]
+    # the recipe's description is the run's MLflow description
+    assert parent.data.tags["mlflow.note.content"] == " ".join(shipped["description"].split())
     for key, value in shipped["model"].get("options", {}).items():
         assert parent.data.params[f"model.options.{key}"] == str(value)  # e.g. weight bits
     if run.env:  # the ${VAR} reference resolved to the tiny tree

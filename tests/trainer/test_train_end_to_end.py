@@ -40,6 +40,15 @@ def test_two_stage_recipe_end_to_end(tiny_straight_run):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["stages.1.transition"] == "decouple"
     assert parent.data.tags["world_size"] == "1" and parent.data.tags["code_version"]
+    # MLflow's own tags, as its UI reads them (Source, git commit, User; issue 19)
+    assert parent.data.tags["mlflow.source.name"] == f"binaryduo train {tiny_straight_run.recipe}"
+    assert parent.data.tags["mlflow.source.type"] == "LOCAL"
+    assert parent.data.tags["mlflow.source.git.commit"] == provenance["code"]["git_sha"]
+    assert parent.data.tags["code_version"].startswith(provenance["code"]["git_sha"])
+    assert parent.data.tags["mlflow.user"]
+    assert "mlflow.note.content" not in parent.data.tags  # the tiny recipe has no description
+    assert client.get_experiment_by_name("binaryduo").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
 
     coupled, finetune = children["coupled"], children["finetune"]
     history = client.get_metric_history(coupled.info.run_id, "val_top1")

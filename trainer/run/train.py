@@ -110,6 +110,7 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
     from binaryduo.trainer.run.precision import resolve_dtype, tune_kernels
     from binaryduo.trainer.run.feed import DataFeed, check_data
     from binaryduo.trainer.tracking.provenance import (code_version, code_version_tag, hardware,
+                                                       mlflow_standard_tags,
                                                        package_versions, recipe_hash)
 
     ctx = init_distributed()
@@ -145,7 +146,8 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
                 "recipe": recipe.name, "recipe_hash": digest, "smoke": str(smoke).lower(),
                 # runs of one recipe at several seeds: grouped by `compare --by-seed`
                 "seed": str(recipe.seed),
-                "recipe_hash_without_seed": recipe_hash(recipe.identity_without_seed())}
+                "recipe_hash_without_seed": recipe_hash(recipe.identity_without_seed()),
+                **mlflow_standard_tags(version, recipe_path, recipe.description)}
         if recipe.data.skip_unreadable:
             tags["data_skipped_files"] = str(len(data_check.skipped))
         if ctx.is_main:

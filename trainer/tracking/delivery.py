@@ -15,6 +15,9 @@ from typing import Any
 from binaryduo.trainer.tracking.journal import Journal
 
 PARENT_TAG = "mlflow.parentRunId"
+#: MLflow 3's experiment kind: its UI opens a "custom_model_development" experiment on the
+#: training runs (without it, on the GenAI overview of traces and token usage)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 LOCAL_ID_TAG = "binaryduo.local_run_id"
 LOCAL_PREFIX = "local-"
 
@@ -78,6 +81,9 @@ class RecordSender:
             found = self.mlflow.get_experiment_by_name(self.experiment)
             if found is not None:
                 self.experiment_id = found.experiment_id
+                if EXPERIMENT_KIND_TAG not in found.tags:  # made before binaryduo set the kind
+                    self.mlflow.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG,
+                                                   EXPERIMENT_KIND)
             else:
                 location = None
                 if self.uri.startswith("sqlite:///"):
@@ -86,7 +92,8 @@ class RecordSender:
                     location = (db.parent / "mlartifacts" / self.experiment).resolve().as_uri()
                 try:
                     self.experiment_id = self.mlflow.create_experiment(
-                        self.experiment, artifact_location=location)
+                        self.experiment, artifact_location=location,
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 except MlflowException:
                     found = self.mlflow.get_experiment_by_name(self.experiment)
                     if found is None:  # not the race: a real refusal

@@ -1,8 +1,10 @@
 """What produced a result: code version, package versions, hardware (saved with every run)."""
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -47,6 +49,24 @@ def code_version_tag(version: dict[str, object]) -> str:
         except metadata.PackageNotFoundError:
             return "unknown"
     return f"{version['git_sha']}{'-dirty' if version['git_dirty'] else ''}"
+
+
+def mlflow_standard_tags(version: dict[str, object], recipe_path, description: str
+                         ) -> dict[str, str]:
+    """MLflow's own run tags, beside binaryduo's: what the MLflow UI shows as a run's Source
+    (the command and recipe; type JOB under Slurm, else LOCAL), its git commit, User and
+    Description (the recipe's ``description``)."""
+    tags = {"mlflow.source.name": f"binaryduo train {recipe_path}",
+            "mlflow.source.type": "JOB" if os.environ.get("SLURM_JOB_ID") else "LOCAL"}
+    if version["git_sha"] is not None:
+        tags["mlflow.source.git.commit"] = str(version["git_sha"])
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a name: MLflow shows none either
+        pass
+    if description.strip():
+        tags["mlflow.note.content"] = description.strip()
+    return tags
 
 
 def package_versions() -> dict[str, str | None]:
