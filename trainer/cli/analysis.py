@@ -43,7 +43,8 @@ class ModelSource:
     stage: str | None = None
 
 
-def _find_run_dir(path: Path) -> Path | None:
+def find_run_dir(path: Path) -> Path | None:
+    """The run directory (it holds ``recipe.resolved.yaml``) at or up to 4 levels above ``path``."""
     for candidate in [path, *path.parents][:5]:
         if (candidate / RESOLVED_RECIPE).is_file():
             return candidate
@@ -89,13 +90,26 @@ def resolve_checkpoint(path_text: str, stage: str | None) -> tuple[Path, dict | 
     else:
         raise UsageError(f"--checkpoint {path_text}: not a run directory, a stage or epoch "
                          f"checkpoint directory, or a {MODEL_FILE} file")
-    run_dir = _find_run_dir(model_file.parent)
+    run_dir = find_run_dir(model_file.parent)
     if run_dir is None:
         return model_file, None, None
     recipe = yaml.safe_load((run_dir / RESOLVED_RECIPE).read_text())
     parts = model_file.relative_to(run_dir).parts  # checkpoints/<stage>/<epoch>/model_state.pt
     chosen = parts[1] if len(parts) == 4 and parts[0] == "checkpoints" else None
     return model_file, recipe, chosen
+
+
+def recipe_model(recipe: dict | None, stage: str | None, name: str | None, variant: str | None,
+                 options: dict) -> tuple[str | None, str | None, dict]:
+    """(model name, variant, options): the command line's, completed from the run's recipe
+    (its model, the stage's variant, its options under the command line's -O)."""
+    if recipe is not None:
+        stages = {s["name"]: s for s in recipe.get("stages", [])}
+        name = name or recipe["model"]["name"]
+        if variant is None and stage in stages:
+            variant = stages[stage]["variant"]
+        options = {**(recipe["model"].get("options") or {}), **options}
+    return name, variant, options
 
 
 def _model_source(args: argparse.Namespace) -> ModelSource:
@@ -106,13 +120,7 @@ def _model_source(args: argparse.Namespace) -> ModelSource:
         weights, recipe, stage = resolve_checkpoint(args.checkpoint, args.stage)
     elif args.stage:
         raise UsageError("--stage needs --checkpoint RUN_DIR")
-    name, variant = args.model, args.variant
-    if recipe is not None:
-        stages = {s["name"]: s for s in recipe.get("stages", [])}
-        name = name or recipe["model"]["name"]
-        if variant is None and stage in stages:
-            variant = stages[stage]["variant"]
-        options = {**(recipe["model"].get("options") or {}), **options}
+    name, variant, options = recipe_model(recipe, stage, args.model, args.variant, options)
     if name is None:
         raise UsageError("gradient-mismatch: give --model NAME or --checkpoint RUN_DIR")
     options.setdefault("weight_bits", 32)  # the analysis measures FP weights (trainer/analysis/mismatch.py)
@@ -185,20 +193,28 @@ def _load_state(source: ModelSource):
                          ) from None
 
 
-def _fixed_batch(source: ModelSource, data_root: Path, args: argparse.Namespace, config):
-    """The ``--batch-index``-th validation batch (eval transform, dataset order, real images)."""
+def validation_loader(recipe: dict | None, data_root: Path, config, batch_size: int,
+                      subset: int | None = None):
+    """The validation split of ``data_root`` on the CPU, as the recipe's data section reads it
+    (format, preset; without a recipe the preset follows the model's input size), at the model's
+    channels and input size; a dataset that cannot be read is a UsageError."""
     from binaryduo.data.layout import LayoutError
     from binaryduo.data.pipelines import LoaderSpec, build_loader
 
-    data = (source.recipe or {}).get("data") or {}
+    data = (recipe or {}).get("data") or {}
     preset = data.get("preset") or ("small" if config.input_size <= 64 else "imagenet")
     try:
         spec = LoaderSpec(root=data_root, format=data.get("format", "auto"), preset=preset,
-                          batch_size=args.batch, channels=config.in_channels,
-                          image_size=config.input_size, drop_last=False)
-        loader = build_loader(spec, train=False, seed=0, device="cpu")
+                          batch_size=batch_size, channels=config.in_channels,
+                          image_size=config.input_size, subset=subset, drop_last=False)
+        return build_loader(spec, train=False, seed=0, device="cpu")
     except (LayoutError, ValueError, OSError) as error:
         raise UsageError(f"--data {data_root}: {error}") from None
+
+
+def _fixed_batch(source: ModelSource, data_root: Path, args: argparse.Namespace, config):
+    """The ``--batch-index``-th validation batch (eval transform, dataset order, real images)."""
+    loader = validation_loader(source.recipe, data_root, config, args.batch)
     if args.batch_index >= len(loader):
         raise UsageError(f"--batch-index {args.batch_index}: the validation split has "
                          f"{len(loader)} batches of {args.batch}")

@@ -21,13 +21,13 @@ import json
 import os
 from pathlib import Path
 
-from binaryduo.trainer.cli.analysis import ModelSource, resolve_checkpoint
+from binaryduo.trainer.cli.analysis import (ModelSource, find_run_dir, recipe_model,
+                                            resolve_checkpoint, validation_loader)
 from binaryduo.trainer.cli.errors import (EXIT_CHECK_FAILED, UsageError, one_line_errors,
                                           parse_model_options)
 from binaryduo.trainer.runtime.console import stderr_line
 
 REPORT_FILE = "export_report.json"
-RUN_STATE = "run_state.json"
 VERIFY_CHUNK = 256  # images per IR call and per float64 reference chunk
 
 
@@ -49,19 +49,12 @@ def _source(args: argparse.Namespace) -> tuple[ModelSource, Path | None]:
         weights, recipe, stage = resolve_checkpoint(args.source, args.stage)
     except UsageError as error:
         raise UsageError(str(error).replace("--checkpoint ", "SOURCE ", 1)) from None
-    options = parse_model_options(args.option)
-    name, variant = args.model, args.variant
-    if recipe is not None:
-        stages = {s["name"]: s for s in recipe.get("stages", [])}
-        name = name or recipe["model"]["name"]
-        variant = variant or (stages[stage]["variant"] if stage in stages else None)
-        options = {**(recipe["model"].get("options") or {}), **options}
+    name, variant, options = recipe_model(recipe, stage, args.model, args.variant,
+                                          parse_model_options(args.option))
     if name is None or variant is None:
         raise UsageError(f"SOURCE {args.source}: not in a run directory: give --model NAME and "
                          f"--variant (bnn, coupled or decoupled) and its -O options")
-    run_dir = next((p for p in [weights.parent, *weights.parents][:5]
-                    if (p / "recipe.resolved.yaml").is_file()), None)
-    return ModelSource(name, variant, options, weights, recipe, stage), run_dir
+    return ModelSource(name, variant, options, weights, recipe, stage), find_run_dir(weights.parent)
 
 
 def _output(args: argparse.Namespace, source: ModelSource, run_dir: Path | None) -> Path:
@@ -112,26 +105,14 @@ def _images(args: argparse.Namespace, source: ModelSource, config, count: int | 
         generator = torch.Generator().manual_seed(args.seed)
         images = torch.randn((count or VERIFY_CHUNK, *shape), generator=generator)
         return images, None, f"{len(images)} random N(0, 1) images (seed {args.seed})"
-    data = ((source.recipe or {}).get("data") or {})
-    root = args.data or data.get("root")
+    root = args.data or ((source.recipe or {}).get("data") or {}).get("root")
     if not root:
         raise UsageError("--verify: give --data ROOT (a dataset the data package reads) or "
                          "--random")
     root = Path(os.path.expandvars(str(root))).expanduser()
     if not root.is_dir():
         raise UsageError(f"--data {root}: not a directory")
-    from binaryduo.data.layout import LayoutError
-    from binaryduo.data.pipelines import LoaderSpec, build_loader
-
-    try:
-        spec = LoaderSpec(root=root, format=data.get("format", "auto"),
-                          preset=data.get("preset") or ("small" if config.input_size <= 64
-                                                         else "imagenet"),
-                          batch_size=VERIFY_CHUNK, channels=config.in_channels,
-                          image_size=config.input_size, subset=count, drop_last=False)
-        loader = build_loader(spec, train=False, seed=0, device="cpu")
-    except (LayoutError, ValueError, OSError) as error:
-        raise UsageError(f"--data {root}: {error}") from None
+    loader = validation_loader(source.recipe, root, config, VERIFY_CHUNK, subset=count)
     images, labels = [], []
     for batch, target, valid in loader:
         keep = valid.bool()
@@ -145,10 +126,10 @@ def _tracking(args: argparse.Namespace, run_dir: Path | None, stage: str | None)
     """(tracking URI, the stage's MLflow run id) to log to, or (None, None)."""
     if args.no_tracking or run_dir is None or stage is None:
         return None, None
-    state_file = run_dir / RUN_STATE
-    run_id = (json.loads(state_file.read_text()).get("stage_run_ids", {}).get(stage)
-              if state_file.is_file() else None)
+    from binaryduo.trainer.run.state import RunState
     from binaryduo.trainer.tracking.journal import Journal
+
+    run_id = RunState.load(run_dir).stage_run_ids.get(stage)
 
     uri = args.tracking_uri
     if uri is None and Journal.exists(run_dir):
