@@ -146,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from binaryduo.models.cost import cost_report
-    from binaryduo.trainer.export import save_ir, to_openvino, verify
+    from binaryduo.trainer.export import ir_file_bytes, save_ir, to_openvino, verify
     from binaryduo.trainer.export.verify import compile_for_verification
 
     count = _parse_count(args.verify)
@@ -167,7 +167,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     compiled = compile_for_verification(xml, batch=min(VERIFY_CHUNK, len(images)))
     # the trained model itself is the reference (a coupled one through its exact decoupling)
     report = verify(compiled, model, images, labels=labels)
-    ir_bytes = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+    ir_bytes = ir_file_bytes(xml)
     paper_mbit = cost_report(exported).mbit
     payload = {
         "source": str(source.weights), "model": source.name, "variant": source.variant,

@@ -5,11 +5,12 @@ whose binary convolutions run OpenVINO's bit-packed xnor-popcount kernel, verifi
     save_ir(ir, "export/")                             # export/model.xml, export/model.bin
     report = verify(ir, model, images)                 # report.passed, report.to_dict()
 """
-from .openvino_ir import (ExportRefused, ExportSummary, LayerRecord, exportable_model, save_ir,
-                          to_openvino)
+from .openvino_ir import (ExportRefused, ExportSummary, LayerRecord, exportable_model,
+                          ir_file_bytes, save_ir, to_openvino)
 from .verify import VerificationReport, compile_for_verification, verify
 
 __all__ = [
     "ExportRefused", "ExportSummary", "LayerRecord", "VerificationReport",
-    "compile_for_verification", "exportable_model", "save_ir", "to_openvino", "verify",
+    "compile_for_verification", "exportable_model", "ir_file_bytes", "save_ir", "to_openvino",
+    "verify",
 ]

@@ -320,3 +320,8 @@ def save_ir(ir: ov.Model, directory: str | Path) -> Path:
     xml = directory / IR_XML
     ov.save_model(ir, xml, compress_to_fp16=False)
     return xml
+
+
+def ir_file_bytes(xml: Path) -> int:
+    """The size on disk of a saved IR: ``model.xml`` and the ``.bin`` beside it."""
+    return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
