@@ -22,7 +22,8 @@ def _single_binary_conv(activation: np.ndarray, weight: np.ndarray, padding: int
     binary_conv, materialize) on the CPU plugin."""
     image = ops.parameter(list(activation.shape), np.float32)
     bits = ir_graph.binarize(Affine.identity(image.output(0)), "act")
-    z = ir_graph.binary_conv(bits, weight, False, ConvGeometry((1, 1), (padding, padding), (1, 1)),
+    alpha = np.full(weight.shape[0], np.abs(weight).mean())  # one per layer
+    z = ir_graph.binary_conv(bits, weight, alpha, ConvGeometry((1, 1), (padding, padding), (1, 1)),
                              "conv")
     out = ir_graph.materialize(z)
     compiled = ov.Core().compile_model(ov.Model([ops.result(out)], [image]), "CPU")

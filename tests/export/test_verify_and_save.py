@@ -53,13 +53,10 @@ def _float_binarize(tensor, name):
     return Bits(bits.output(0), tensor.channels, tensor.channels)
 
 
-def _float_convolution(bits, weight, per_channel_scale, geometry, name):
+def _float_convolution(bits, weight, alpha, geometry, name):
     """The same z = conv(a, alpha * s(W)) by a float Convolution: numerically what a model whose
     binary layers fell back to float would compute."""
-    magnitude = np.abs(weight)
-    alpha = (magnitude.mean(axis=(1, 2, 3), keepdims=True) if per_channel_scale
-             else magnitude.mean())
-    binary = np.where(weight >= 0, 1.0, -1.0) * alpha
+    binary = np.where(weight >= 0, 1.0, -1.0) * alpha.reshape(-1, 1, 1, 1)
     z = ops.convolution(bits.value, ops.constant(binary.astype(np.float32)), list(geometry.stride),
                         list(geometry.padding), list(geometry.padding), list(geometry.dilation),
                         name=name)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from binaryduo.models.layers import ActQuant, QConv2d
+from binaryduo.models.quantizers import binarize_weight
 
 from . import ir_graph as graph
 from .ir_graph import Affine, Bits, ConvGeometry
@@ -45,10 +46,9 @@ class _Fp32Twin(_Exporter):
                                                module.out_channels, _pair(module.kernel_size),
                                                geometry.stride, geometry.padding))
         self.reads[name] = tensor.value.get_node().get_friendly_name()
-        weight = _numpy(module.weight)
-        signs = np.where(weight >= 0, 1.0, -1.0)  # s(0) = +1, as binarize_weight
-        alpha = np.abs(weight).mean(axis=(1, 2, 3) if module.per_channel_scale else None)
-        weight = np.reshape(alpha, (-1, 1, 1, 1)) * signs
+        # alpha * s(W) as the model binarizes it, in float64
+        weight = _numpy(binarize_weight(module.weight.detach().to(torch.float64),
+                                        module.per_channel_scale))
         return Affine.identity(graph.float_conv(tensor.value, weight, None, geometry, name))
 
 

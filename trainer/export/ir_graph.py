@@ -189,21 +189,20 @@ class ConvGeometry:
     dilation: tuple[int, int]
 
 
-def binary_conv(bits: Bits, weight: np.ndarray, per_channel_scale: bool, geometry: ConvGeometry,
+def binary_conv(bits: Bits, weight: np.ndarray, alpha: np.ndarray, geometry: ConvGeometry,
                 name: str) -> Affine:
     """``conv(a, alpha * s(W))`` for {0, 1} activations ``a``, as ``alpha/2 * (P + S)``.
 
     ``P`` is the BinaryConvolution (xnor-popcount) of ``x = 2a - 1`` with ``s``, padding
     ``ZERO_PAD_VALUE``; ``S`` is the sum of ``s`` over each filter, including the always-0 padded
-    input channels, which get ``s = -1``. ``weight``: the latent float weights (float64).
+    input channels, which get ``s = -1``. ``weight``: the latent float weights (float64);
+    ``alpha``: the scale per output channel (the model's ``weight_scale``, repeated when it is
+    one per layer).
     """
     out_channels, in_channels = weight.shape[:2]
     if in_channels != bits.channels:
         raise ValueError(f"{name}: {in_channels} input channels, the activation has "
                          f"{bits.channels}")
-    magnitude = np.abs(weight)
-    alpha = (magnitude.mean(axis=(1, 2, 3)) if per_channel_scale
-             else np.full(out_channels, magnitude.mean()))
     filter_bits = np.zeros((out_channels, bits.padded_channels, *weight.shape[2:]), dtype=bool)
     filter_bits[:, :in_channels] = weight >= 0  # s(0) = +1
     signs_sum = (2.0 * filter_bits - 1.0).sum(axis=(1, 2, 3))

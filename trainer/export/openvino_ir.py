@@ -49,6 +49,7 @@ from torch import nn
 from binaryduo.models.chain import ChainNet
 from binaryduo.models.decoupling import decouple
 from binaryduo.models.layers import ActQuant, MeanOfCopies, QConv2d, Replicate, ZeroPadChannels
+from binaryduo.models.quantizers import weight_scale
 from binaryduo.models.resnet import ResidualUnit, ResNet
 
 from . import ir_graph as graph
@@ -257,7 +258,11 @@ class _Exporter:
             _pair(module.kernel_size), geometry.stride, geometry.padding,
             tensor.padded_channels if binary else None))
         if binary:
-            return graph.binary_conv(tensor, _numpy(module.weight), module.per_channel_scale,
+            # alpha as the model computes it (binaryduo.models.quantizers), in float64
+            alpha = _numpy(weight_scale(module.weight.detach().to(torch.float64),
+                                        module.per_channel_scale))
+            return graph.binary_conv(tensor, _numpy(module.weight),
+                                     np.broadcast_to(alpha.reshape(-1), (module.out_channels,)),
                                      geometry, name)
         bias = None if module.bias is None else _numpy(module.bias)
         return Affine.identity(graph.float_conv(self.real(tensor, name), _numpy(module.weight),
