@@ -30,7 +30,8 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 # The main job on embedded defaults: Fashion-MNIST prepared, the BNN baseline and BinaryDuo
-# (coupled -> decouple -> fine-tune) trained at equal budget, a table read back from MLflow.
+# (coupled -> decouple -> fine-tune) trained at equal budget, the BinaryDuo network exported to
+# OpenVINO and verified on the whole test set, a table read back from MLflow.
 demo: install
 	$(VENV)/bin/binaryduo demo
 
@@ -45,22 +46,22 @@ test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 # The seed study behind the README's "Seed study" table: BNN vs BinaryDuo on Fashion-MNIST at the
-# demo's budget, FP weights and binary weights, seeds 0-2 (12 runs, each like one of `make demo`'s
-# two).
+# demo's budget, binary weights (the demo's recipes) and FP weights (their twins), seeds 0-2 (12 runs,
+# each like one of `make demo`'s two).
 # A `binaryduo sweep`: run it again after an interruption and it continues where it stopped.
 STUDY_SEEDS ?= 0-2
 STUDY_DB ?= sqlite:///$(CURDIR)/mlflow.db
 study: install
 	$(VENV)/bin/binaryduo sweep recipes/demo/fashion_mnist_vgg7_bnn.yaml \
 	  recipes/demo/fashion_mnist_vgg7_binaryduo.yaml --seeds $(STUDY_SEEDS) \
-	  --output runs/study/fp-weights --tracking-uri $(STUDY_DB)
-	$(VENV)/bin/binaryduo sweep recipes/studies/fashion_mnist_vgg7_bnn_binary_weights.yaml \
-	  recipes/studies/fashion_mnist_vgg7_binaryduo_binary_weights.yaml --seeds $(STUDY_SEEDS) \
 	  --output runs/study/binary-weights --tracking-uri $(STUDY_DB)
+	$(VENV)/bin/binaryduo sweep recipes/studies/fashion_mnist_vgg7_bnn_fp_weights.yaml \
+	  recipes/studies/fashion_mnist_vgg7_binaryduo_fp_weights.yaml --seeds $(STUDY_SEEDS) \
+	  --output runs/study/fp-weights --tracking-uri $(STUDY_DB)
 	$(VENV)/bin/binaryduo compare --by-seed --tracking-uri $(STUDY_DB) --no-paper \
-	  --sweep runs/study/fp-weights --baseline fashion_mnist_vgg7_bnn
+	  --sweep runs/study/binary-weights --baseline fashion_mnist_vgg7_bnn
 	$(VENV)/bin/binaryduo compare --by-seed --tracking-uri $(STUDY_DB) --no-paper \
-	  --sweep runs/study/binary-weights --baseline fashion_mnist_vgg7_bnn_binary_weights
+	  --sweep runs/study/fp-weights --baseline fashion_mnist_vgg7_bnn_fp_weights
 
 bench: install
 	$(PY) benchmarks/quantizer_overhead.py

@@ -1,4 +1,5 @@
 """--smoke on every shipped recipe, and one run logged to a real ``mlflow server`` on 127.0.0.1."""
+import json
 import os
 import signal
 import socket
@@ -57,6 +58,36 @@ def test_smoke_every_recipe(recipe, precision, smoke_store, smoke_stage_computes
         smoke_stage_computes(stage.data.metrics,
                              num_classes=shipped["model"]["options"]["num_classes"],
                              val_images=int(parent.data.params["data.batch_size"]))
+
+
+def test_the_demo_exports_its_binaryduo_network_verified_on_the_whole_test_set(smoke_store):
+    """``binaryduo demo``'s last step on its BinaryDuo recipe (binary weights, trained here with
+    --smoke in fp32 as ``make demo`` runs it on CPU): the fine-tuned decoupled network becomes an
+    OpenVINO IR whose five binary convolutions run the bit-packed kernel, with the PyTorch model's
+    prediction on every one of the 10,000 test images, logged to the stage's MLflow run."""
+    from binaryduo.trainer.cli.demo import EXPORTED_RECIPE, RECIPES, export_demo_model
+
+    assert f"{EXPORTED_RECIPE}.yaml" in RECIPES
+    smoke_store(Path("recipes/demo") / f"{EXPORTED_RECIPE}.yaml", "fp32")
+    run_dir = smoke_store.root / "runs" / f"{EXPORTED_RECIPE}-fp32"
+    code, report = export_demo_model(run_dir, smoke_store.uri)
+    assert code == 0 and report is not None
+    check = report["verification"]
+    assert check["passed"] and check["samples"] == check["identical_predictions"] == 10000
+    assert check["binary_kernels"] == check["expected_binary_kernels"] == 5
+    # two smoke steps may leave one class winning everywhere: the logits are the real check
+    assert check["max_abs_dlogit"] < 1e-4 and check["ir_top1"] == check["reference_top1"]
+    assert (report["variant"], report["stage"], report["options"]["weight_bits"]) == (
+        "decoupled", "finetune", 1)
+    # the weights (model.bin) within 1.3x the paper-rule Mbit; the topology text (model.xml, about
+    # 36 kB here) is what makes this small network's whole IR 1.6x
+    weights = run_dir / "export" / "finetune-openvino" / "model.bin"
+    assert weights.stat().st_size * 8 / 1e6 <= 1.3 * report["paper_mbit"]
+    state = json.loads((run_dir / "run_state.json").read_text())
+    stage_run = MlflowClient(tracking_uri=smoke_store.uri).get_run(
+        state["stage_run_ids"]["finetune"])
+    assert stage_run.data.tags["export_verified"] == "true"
+    assert stage_run.data.metrics["export_identical_predictions"] == 10000
 
 
 @pytest.fixture
