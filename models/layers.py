@@ -189,3 +189,30 @@ def clip_latent_weights_(model: nn.Module) -> None:
     """Clamps latent weights in place (outside DeepSpeed; under it, clamp the fp32 masters)."""
     for weight, bound in latent_clipped_parameters(model):
         weight.clamp_(-bound, bound)
+
+
+#: The roles an optimizer can treat differently (``parameter_roles``), in a fixed order.
+PARAMETER_ROLES = ("binary_layers", "norm_and_bias", "full_precision")
+
+
+def parameter_roles(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every trainable parameter of ``model`` under exactly one role, in ``named_parameters``
+    order within a role:
+
+    - ``binary_layers``: the weights of the binary-activation layers (:class:`QConv2d`), the
+      latent weights that become alpha*sign(W) with ``weight_bits: 1``;
+    - ``norm_and_bias``: BatchNorm scales/shifts and every bias (1-D parameters);
+    - ``full_precision``: the other weights: first conv, classifier, ResNet 1x1 shortcuts.
+    """
+    binary = {id(module.weight) for module in model.modules() if isinstance(module, QConv2d)}
+    roles: dict[str, list[tuple[str, nn.Parameter]]] = {role: [] for role in PARAMETER_ROLES}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if id(parameter) in binary:
+            roles["binary_layers"].append((name, parameter))
+        elif parameter.ndim <= 1:
+            roles["norm_and_bias"].append((name, parameter))
+        else:
+            roles["full_precision"].append((name, parameter))
+    return roles

@@ -124,19 +124,54 @@ class DataSection(_Strict):
     skip_unreadable: bool = False
 
 
+class ParameterGroupSection(_Strict):
+    """One parameter role's own settings (``optimizer.groups.<role>``)."""
+
+    #: Replaces the optimizer's ``weight_decay`` for this role (None: the optimizer's).
+    weight_decay: float | None = Field(default=None, ge=0)
+    #: This role's LR is the schedule's LR times ``lr_mult``.
+    lr_mult: float = Field(default=1.0, gt=0)
+
+
 class OptimizerSection(_Strict):
-    name: Literal["sgd", "adam"] = "sgd"
+    #: ``adam`` adds the weight decay to the gradient (L2); ``adamw`` decays the weights
+    #: directly (decoupled, Loshchilov & Hutter), as ReActNet's recipe does.
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(gt=0)
+    #: ``sgd`` only.
     momentum: float = Field(default=0.9, ge=0, lt=1)
+    #: ``sgd`` only.
     nesterov: bool = True
-    #: Applied to every parameter, BN included (the authors' setting).
+    #: ``adam``/``adamw`` only.
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    #: Every parameter's, BN included (the authors' setting), unless ``groups`` says otherwise.
     weight_decay: float = Field(default=1e-4, ge=0)
+    #: Per parameter role (models.parameter_roles): ``binary_layers`` (the binary-activation
+    #: layers' latent weights), ``norm_and_bias`` (BN scales/shifts and biases) and
+    #: ``full_precision`` (first conv, classifier, 1x1 shortcuts), e.g. ReActNet's
+    #: ``{binary_layers: {weight_decay: 0}}``. A role left out keeps the optimizer's settings.
+    groups: dict[Literal["binary_layers", "norm_and_bias", "full_precision"],
+                 ParameterGroupSection] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _settings_of_this_optimizer(self):
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        # a setting the chosen optimizer would ignore is a mistake in the recipe, not a no-op
+        if self.name == "sgd" and self.betas != [0.9, 0.999]:
+            raise ValueError("betas apply to adam/adamw only (name is 'sgd')")
+        if self.name != "sgd" and (self.momentum != 0.9 or not self.nesterov):
+            raise ValueError(f"momentum/nesterov apply to sgd only (name is {self.name!r}; "
+                             f"adam's are betas)")
+        return self
 
 
 class ScheduleSection(_Strict):
     """Learning rate as a pure function of the epoch (see ``trainer.schedules``)."""
 
-    kind: Literal["step", "cosine", "constant"] = "step"
+    #: ``linear``: from the LR (after warm-up) straight down to 0 at the end of the stage
+    #: (ReActNet's schedule).
+    kind: Literal["step", "cosine", "linear", "constant"] = "step"
     #: ``step``: epochs (1-based, as in the authors' scripts) at which the LR is multiplied by gamma.
     milestones: list[int] = Field(default_factory=list)
     gamma: float = Field(default=0.1, gt=0, le=1)
@@ -227,6 +262,8 @@ LATER_KEYS_AT_DEFAULT: dict[tuple[str, ...], Any] = {
     ("stages", "*", "decouple_flip_tolerance"): 1e-4,
     ("compile",): False,
     ("data", "image_size"): None,
+    ("stages", "*", "optimizer", "betas"): [0.9, 0.999],
+    ("stages", "*", "optimizer", "groups"): {},
 }
 
 

@@ -170,8 +170,8 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
         inputs, labels, _ = _split(batch)
         sums.waited += time.perf_counter() - fetch_started
         sums.lr = lr_at(step)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = sums.lr
+        for group in engine.optimizer.param_groups:  # each role's multiple (deepspeed_engine)
+            group["lr"] = sums.lr * group.get("lr_mult", 1.0)
         with compute_precision(dtype, ctx.device):
             logits = engine(to_device(inputs, ctx.device))
         loss = F.cross_entropy(logits.float(), labels.to(ctx.device))

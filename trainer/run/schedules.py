@@ -12,8 +12,8 @@ def learning_rate(schedule: ScheduleSection, base_lr: float, step: int, steps_pe
 
     ``step`` milestones are 1-based epochs as in the authors' scripts: with milestone 41 the LR
     drops when epoch 41 (0-based index 40) begins. Warm-up ramps linearly per step, reaching
-    ``base_lr`` at the end of ``warmup_epochs``; cosine decays per step from the end of warm-up to 0
-    at the end of the stage.
+    ``base_lr`` at the end of ``warmup_epochs``; cosine and linear decay per step from the end of
+    warm-up to 0 at the end of the stage.
     """
     if steps_per_epoch < 1 or step < 0:
         raise ValueError(f"need steps_per_epoch >= 1 and step >= 0, got {steps_per_epoch}, {step}")
@@ -28,4 +28,6 @@ def learning_rate(schedule: ScheduleSection, base_lr: float, step: int, steps_pe
         return base_lr * schedule.gamma ** drops
     total = epochs * steps_per_epoch - warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total))
+    if schedule.kind == "linear":
+        return base_lr * (1.0 - progress)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
