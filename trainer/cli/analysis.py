@@ -102,13 +102,16 @@ def resolve_checkpoint(path_text: str, stage: str | None) -> tuple[Path, dict | 
 def recipe_model(recipe: dict | None, stage: str | None, name: str | None, variant: str | None,
                  options: dict) -> tuple[str | None, str | None, dict]:
     """(model name, variant, options): the command line's, completed from the run's recipe
-    (its model, the stage's variant, its options under the command line's -O)."""
+    (its model, the stage's variant, its options and the stage's weight bits under the command
+    line's -O)."""
     if recipe is not None:
         stages = {s["name"]: s for s in recipe.get("stages", [])}
         name = name or recipe["model"]["name"]
         if variant is None and stage in stages:
             variant = stages[stage]["variant"]
-        options = {**(recipe["model"].get("options") or {}), **options}
+        stage_bits = stages.get(stage, {}).get("weight_bits")
+        options = {**(recipe["model"].get("options") or {}),
+                   **({"weight_bits": stage_bits} if stage_bits is not None else {}), **options}
     return name, variant, options
 
 

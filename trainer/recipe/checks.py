@@ -28,7 +28,7 @@ def semantic_problems(recipe: Recipe, *, check_paths: bool,
         for index, stage in enumerate(recipe.stages):
             try:
                 config = models.registry.resolve_config(recipe.model.name, stage.variant,
-                                                        **recipe.model.options)
+                                                        **recipe.model_options(stage))
             except ValueError as error:
                 problems.append((("model", "options"), f"{error} (stage {stage.name!r})"))
                 break

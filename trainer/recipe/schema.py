@@ -207,6 +207,12 @@ class StageSection(_Strict):
     #: coupled and the decoupled network in the run's own precision (fp32, or bf16 autocast):
     #: round-off within reach of a threshold, not a construction error (the float64 check).
     decouple_flip_tolerance: float = Field(default=1e-4, ge=0, le=1)
+    #: This stage's weights, where they differ from ``model.options.weight_bits``: 1 =
+    #: alpha*sign(W), 32 = FP. A stage that starts from the previous one (``init_from:
+    #: previous``) with other weight bits *switches* them (two-step training, as ReActNet's):
+    #: alpha*sign(W) of the previous stage's latent FP weights; after ``decouple`` the decoupling
+    #: is checked on the previous weight bits first (transitions.py).
+    weight_bits: Literal[1, 32] | None = None
 
     @model_validator(mode="after")
     def _milestones_inside(self):
@@ -264,6 +270,7 @@ LATER_KEYS_AT_DEFAULT: dict[tuple[str, ...], Any] = {
     ("data", "image_size"): None,
     ("stages", "*", "optimizer", "betas"): [0.9, 0.999],
     ("stages", "*", "optimizer", "groups"): {},
+    ("stages", "*", "weight_bits"): None,
 }
 
 
@@ -311,6 +318,13 @@ class Recipe(_Strict):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+
+    def model_options(self, stage: StageSection) -> dict:
+        """The model options ``stage`` builds its network with: ``model.options`` with the
+        stage's ``weight_bits`` where it sets them."""
+        if stage.weight_bits is None:
+            return dict(self.model.options)
+        return {**self.model.options, "weight_bits": stage.weight_bits}
 
     def identity(self) -> dict:
         """What makes two runs the same recipe (hashed into ``recipe_hash``): the resolved

@@ -34,8 +34,7 @@ from binaryduo.trainer.run.progress import progress_bar, summary_line
 from binaryduo.trainer.run.schedules import learning_rate
 from binaryduo.trainer.run.state import (ResumePoint, RunState, StageResult, rng_states,
                                          seed_model_randomness, set_rng_states, stage_seed)
-from binaryduo.trainer.run.transitions import (build_stage_model, initial_weights,
-                                               verify_decoupled_start)
+from binaryduo.trainer.run.transitions import build_stage_model, initial_weights, verify_start
 from binaryduo.trainer.runtime.distributed import (DistributedContext, all_gather_objects, any_rank,
                                                    assert_replicas_agree, on_main_then_broadcast,
                                                    sync_batchnorm_statistics)
@@ -147,8 +146,8 @@ class StageRunner:
             synchronize_batchnorm(model)
         stage.engine = make_engine(model, spec, recipe, ctx=ctx,
                                    per_rank_batch=self.loaders.per_rank_batch)
-        if pending is not None:  # decoupled: checked on what will be fine-tuned, by every rank
-            stage.transition_metrics = verify_decoupled_start(
+        if pending is not None:  # decoupled/switched: checked on what will train, by every rank
+            stage.transition_metrics = verify_start(
                 pending, stage.engine.module, recipe, index, ctx=ctx, dtype=self.dtype,
                 output_dir=self.output_dir, loaders=self.loaders, tracker=self.tracker,
                 run_id=stage.run_id, faults=self.faults)

@@ -33,39 +33,104 @@ class StageTransitionError(RuntimeError):
 
 
 def build_stage_model(recipe: Recipe, stage: StageSection) -> torch.nn.Module:
-    return models.build(recipe.model.name, stage.variant, **recipe.model.options)
+    return models.build(recipe.model.name, stage.variant, **recipe.model_options(stage))
+
+
+def weight_bits(recipe: Recipe, stage: StageSection) -> int:
+    return models.registry.resolve_config(recipe.model.name, stage.variant,
+                                          **recipe.model_options(stage)).weight_bits
 
 
 @dataclass
 class PendingDecoupling:
     """A stage's decoupled start, not verified yet: the coupled model it came from and the
-    coupled checkpoint's manifest entry (``epoch``, ``tag``, ``top1``)."""
+    coupled checkpoint's manifest entry (``epoch``, ``tag``, ``top1``). ``switched_from``: the
+    previous stage's weight bits when this stage switches them (the check then runs on a twin
+    of the stage's network with those bits, the decoupling's own result)."""
 
     coupled: torch.nn.Module
     chosen: dict
+    switched_from: int | None = None
 
 
-def initial_weights(recipe: Recipe, index: int, model: torch.nn.Module, *,
-                    output_dir: Path) -> tuple[torch.nn.Module, PendingDecoupling | None]:
+@dataclass
+class PendingWeightSwitch:
+    """A stage that starts from the previous one's latent weights with other weight bits (no
+    decoupling): its accuracy before training is logged as the switch's step."""
+
+    switched_from: int
+    chosen: dict
+
+
+def initial_weights(recipe: Recipe, index: int, model: torch.nn.Module, *, output_dir: Path
+                    ) -> tuple[torch.nn.Module, PendingDecoupling | PendingWeightSwitch | None]:
     """The model stage ``index`` starts from (``model``: freshly built and seeded) and, when it
-    was decoupled, what :func:`verify_decoupled_start` needs once the engine holds it."""
+    was decoupled or switched its weight bits, what :func:`verify_start` needs once the engine
+    holds it. A weight switch keeps the latent weights: the new bits' forward pass makes
+    alpha*sign(W) (or W) of them, so loading the state dict into ``model`` is the switch."""
     stage = recipe.stages[index]
     if stage.init_from is None:
         return model, None
     if stage.init_from != "previous":
         model.load_state_dict(load_model_state(Path(stage.init_from)))
         return model, None
-    source = StageCheckpoints(output_dir / "checkpoints" / recipe.stages[index - 1].name,
-                              keep_last=1, is_main=False)
+    previous = recipe.stages[index - 1]
+    source = StageCheckpoints(output_dir / "checkpoints" / previous.name, keep_last=1,
+                              is_main=False)
     weights = load_model_state(source.verified_model_file(stage.init_checkpoint))
-    if stage.transition != "decouple":
-        model.load_state_dict(weights)
-        return model, None
-    coupled = build_stage_model(recipe, recipe.stages[index - 1])
-    coupled.load_state_dict(weights)
     manifest = source.manifest()
     chosen = manifest["best"] if stage.init_checkpoint == "best" else manifest["epochs"][-1]
-    return models.decouple(coupled), PendingDecoupling(coupled, chosen)
+    bits_before = weight_bits(recipe, previous)
+    switched_from = bits_before if bits_before != weight_bits(recipe, stage) else None
+    if stage.transition != "decouple":
+        model.load_state_dict(weights)
+        return model, (PendingWeightSwitch(switched_from, chosen) if switched_from else None)
+    coupled = build_stage_model(recipe, previous)
+    coupled.load_state_dict(weights)
+    decoupled = models.decouple(coupled)  # with the coupled network's weight bits
+    if switched_from is None:
+        return decoupled, PendingDecoupling(coupled, chosen)
+    model.load_state_dict(decoupled.state_dict())
+    return model, PendingDecoupling(coupled, chosen, switched_from)
+
+
+def verify_start(pending: PendingDecoupling | PendingWeightSwitch, module: torch.nn.Module,
+                 recipe: Recipe, index: int, *, ctx: DistributedContext, dtype: torch.dtype,
+                 output_dir: Path, loaders, tracker: Tracker, run_id: str | None,
+                 faults: FaultHooks) -> dict[str, float]:
+    """The transition's check and metrics (step 0 of the stage's MLflow run), on ``module``:
+    the engine's, what will be trained."""
+    if isinstance(pending, PendingWeightSwitch):
+        return log_weight_switch(pending, module, recipe, index, ctx=ctx, dtype=dtype,
+                                 loaders=loaders, tracker=tracker, run_id=run_id)
+    return verify_decoupled_start(pending, module, recipe, index, ctx=ctx, dtype=dtype,
+                                  output_dir=output_dir, loaders=loaders, tracker=tracker,
+                                  run_id=run_id, faults=faults)
+
+
+def _twin_with_bits(recipe: Recipe, stage: StageSection, module: torch.nn.Module,
+                    bits: int) -> torch.nn.Module:
+    """``module``'s network and weights, built with other weight bits (on its device)."""
+    options = {**recipe.model_options(stage), "weight_bits": bits}
+    twin = models.build(recipe.model.name, stage.variant, **options)
+    twin.load_state_dict(module.state_dict())
+    return twin.to(next(module.parameters()).device)
+
+
+def log_weight_switch(pending: PendingWeightSwitch, module: torch.nn.Module, recipe: Recipe,
+                      index: int, *, ctx: DistributedContext, dtype: torch.dtype, loaders,
+                      tracker: Tracker, run_id: str | None) -> dict[str, float]:
+    """The switched network's validation accuracy before training, beside the previous stage's
+    checkpoint it came from."""
+    before = evaluate(module, loaders.val(), ctx=ctx, dtype=dtype)
+    metrics = {"weight_switch_from_bits": float(pending.switched_from),
+               "weight_switch_to_bits": float(weight_bits(recipe, recipe.stages[index])),
+               "weight_switch_source_val_top1": pending.chosen["top1"],
+               "weight_switch_val_top1": before.top1,
+               "weight_switch_val_top1_delta": before.top1 - pending.chosen["top1"]}
+    tracker.log_metrics(run_id, {**metrics, "val_top1": before.top1, "val_top5": before.top5},
+                        step=0)
+    return metrics
 
 
 def verify_decoupled_start(pending: PendingDecoupling, module: torch.nn.Module, recipe: Recipe,
@@ -78,8 +143,11 @@ def verify_decoupled_start(pending: PendingDecoupling, module: torch.nn.Module, 
     network's validation accuracy before any fine-tuning (in the run's precision)."""
     stage, previous = recipe.stages[index], recipe.stages[index - 1]
     faults.before_decoupling_check(module, stage.name)
+    # a weight switch is checked on the decoupling's own result: the same weights, previous bits
+    decoupled = module if pending.switched_from is None else _twin_with_bits(
+        recipe, stage, module, pending.switched_from)
     check = models.check_decoupling(
-        pending.coupled.to(ctx.device), module, loaders.fixed_val_batch(), mode="eval",
+        pending.coupled.to(ctx.device), decoupled, loaders.fixed_val_batch(), mode="eval",
         autocast=dtype if dtype != torch.float32 else None)
     problem = _problem(check, stage)
     verdicts = all_gather_objects(problem)
@@ -107,11 +175,19 @@ def verify_decoupled_start(pending: PendingDecoupling, module: torch.nn.Module, 
             failing[1:] else ""
         raise StageTransitionError(f"decoupling {previous.name!r} -> {stage.name!r} on rank "
                                    f"{rank}{others}: {line}")
-    before = evaluate(module, loaders.val(), ctx=ctx, dtype=dtype)
+    before = evaluate(decoupled, loaders.val(), ctx=ctx, dtype=dtype)
     chosen = pending.chosen["top1"]
     metrics.update({"decouple_coupled_val_top1": chosen,
                     "decouple_decoupled_val_top1": before.top1,
                     "decouple_val_top1_delta": before.top1 - chosen})
+    if pending.switched_from is not None:  # then the switch, as its own step
+        decoupled_top1 = before.top1
+        before = evaluate(module, loaders.val(), ctx=ctx, dtype=dtype)
+        metrics.update({"weight_switch_from_bits": float(pending.switched_from),
+                        "weight_switch_to_bits": float(weight_bits(recipe, stage)),
+                        "weight_switch_source_val_top1": decoupled_top1,
+                        "weight_switch_val_top1": before.top1,
+                        "weight_switch_val_top1_delta": before.top1 - decoupled_top1})
     tracker.log_metrics(run_id, {**metrics, "val_top1": before.top1, "val_top5": before.top5},
                         step=0)
     return metrics
