@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo study test test-fast bench clean
+.PHONY: install demo study test test-fast bench clean screenshots
 
 install: $(STAMP)
 
@@ -65,6 +65,7 @@ study: install
 
 bench: install
 	$(PY) benchmarks/quantizer_overhead.py
+	$(PY) benchmarks/health_overhead.py
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/preresize.py
 	$(PY) benchmarks/binary_inference.py
@@ -73,3 +74,10 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Screenshots of the MLflow UI for the README (docs/mlflow_runs.png, docs/mlflow_run_metrics.png):
+# `mlflow server` on a copy of the demo's store (SCREENSHOT_DB, default ./mlflow.db of `make demo`),
+# pictures by headless Chromium (apt-get install chromium). Not part of CI.
+SCREENSHOT_DB ?= mlflow.db
+screenshots: install
+	$(PY) docs/make_screenshots.py --db $(SCREENSHOT_DB) --out docs

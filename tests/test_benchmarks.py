@@ -129,3 +129,19 @@ def test_binary_inference_quick(tmp_path):
     for target in targets.values():
         assert target["verdict"] in ("PASS", "FAIL")
         assert f"{target['verdict']:<4}  {target['target']}: {target['measured']}" in stdout
+
+
+def test_health_overhead_quick():
+    """``benchmarks/health_overhead.py --quick`` (issue 17): the recorded and plain steps run on
+    the same model and a row with a ratio and a verdict is printed (not judged: a smoke)."""
+    script = REPO / "benchmarks" / "health_overhead.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], cwd=REPO,
+                            text=True, capture_output=True, timeout=300)
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["model", "variant"])
+    row = lines[start + 2].split()
+    assert row[:3] == ["vgg7", "coupled", "8"], row
+    assert float(row[5]) > 0 and row[-1] in ("PASS", "FAIL"), row
+    assert "within target" in result.stdout

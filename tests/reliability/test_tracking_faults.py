@@ -218,6 +218,31 @@ def assert_server_holds_the_journal(client: MlflowClient, run_dir: Path,
     assert {"recipe.resolved.yaml", "provenance.json", "training_curves.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "model" in {a.path for a in client.list_artifacts(stages["finetune"].info.run_id)}
+    # dataset inputs and logged models: what the journal holds, each exactly once
+    inputs: dict[str, set] = {}
+    for record in records:
+        if record["op"] == "log_inputs":
+            run = runs[canonical(record["run_id"])]
+            inputs.setdefault(run.info.run_id, set()).update(
+                (d["name"], d["digest"], d["context"]) for d in record["datasets"])
+    assert set(inputs) == set(runs)  # the parent and every stage
+    for run_id, expected_inputs in inputs.items():
+        found = [(i.dataset.name, i.dataset.digest, i.tags[0].value)
+                 for i in client.get_run(run_id).inputs.dataset_inputs]
+        assert sorted(found) == sorted(expected_inputs)  # no duplicate after any replay
+        assert [c for *_, c in sorted(found)] == ["training", "validation"]
+    model_records = [r for r in records if r["op"] == "log_model"]
+    # a resume of the finished run logs them again: still one model per stage on the server
+    assert {r["name"] for r in model_records} == {"coupled", "finetune"}
+    logged = client.search_logged_models([experiment])
+    assert sorted((m.source_run_id, m.name) for m in logged) == sorted(
+        {(stages[r["name"]].info.run_id, r["name"]) for r in model_records})  # one each
+    assert all(str(m.status).endswith("READY") for m in logged)
+    for model in logged:
+        outputs = client.get_run(model.source_run_id).outputs.model_outputs
+        assert [o.model_id for o in outputs] == [model.model_id]
+        assert "MLmodel" in {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    snapshot["models"] = sorted(m.model_id for m in logged)
     snapshot["runs"] = sorted(runs)
     snapshot["params"] = {r: runs[r].data.params for r in runs}
     return snapshot
@@ -425,3 +450,55 @@ def test_a_crafted_journal_cannot_upload_or_delete_files_outside_the_run(tmp_pat
     assert secret.read_text() == "private"  # not deleted either
     real = Journal(run_dir).run_ids[parent]
     assert not MlflowClient(tracking_uri=uri).list_artifacts(real)
+
+
+def test_a_model_logged_and_registered_while_away_is_delivered_once(tmp_path, monkeypatch):
+    """``log_model`` / ``register_model`` records of an offline run: replay makes one logged
+    model (READY, linked to the run, loadable) and one registered version; replaying again with
+    every acknowledgement lost, or after a delivery cut short (a PENDING model without
+    artifacts), adds nothing."""
+    import mlflow.pytorch
+    import torch
+
+    from binaryduo import models
+    from binaryduo.trainer.tracking.models import MODEL_KEY_TAG, save_stage_model
+
+    run_dir, uri, parent, tracker = _offline_journal(tmp_path)
+    network = models.build("vgg7", "bnn", width_mult=0.25, num_classes=10, in_channels=1)
+    saved = save_stage_model(network, run_dir / "mlflow-models" / "bnn", input_shape=(1, 32, 32),
+                             metadata={"stage": "bnn"})
+    tracker.log_model(parent, "bnn", saved, step=1)
+    tracker.register_model(parent, "bnn", "tiny-bnn")
+    tracker.finish(parent)
+    assert tracker.close() == 5  # create, metric, model, registration, finish
+
+    # a first delivery cut short: the run and a PENDING logged model without artifacts exist
+    client = MlflowClient(tracking_uri=uri)
+    partial = Tracker(uri, "binaryduo", enabled=True, journal_dir=run_dir)
+    partial._sender.deliver(Journal(run_dir).pending()[0])  # creates the run, not acknowledged
+    real = partial._sender.real_id(parent)
+    experiment = partial._sender.ensure_experiment()
+    client.create_logged_model(experiment, name="bnn", source_run_id=real,
+                               tags={MODEL_KEY_TAG: f"{real}/bnn"})
+    partial.close()
+
+    for attempt in range(3):
+        if attempt == 2:  # every acknowledgement lost
+            journal = run_dir / "mlflow-journal" / "journal.jsonl"
+            journal.write_text("".join(line for line in journal.read_text().splitlines(True)
+                                       if not line.startswith('{"done"')))
+        replay = _binaryduo("tracking", "replay", run_dir, cwd=tmp_path)
+        assert replay.returncode == 0, replay.stderr
+        logged = client.search_logged_models([experiment])
+        assert [(m.name, m.source_run_id, str(m.status)) for m in logged] == [
+            ("bnn", real, "READY")]
+        assert [o.model_id for o in client.get_run(real).outputs.model_outputs] == [
+            logged[0].model_id]
+        versions = client.search_model_versions("name = 'tiny-bnn'")
+        assert [(int(v.version), v.source) for v in versions] == [
+            (1, f"models:/{logged[0].model_id}")]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    loaded = mlflow.pytorch.load_model(f"models:/{logged[0].model_id}", dst_path=str(tmp_path))
+    images = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(images), network.eval()(images))

@@ -329,7 +329,7 @@ def _log_to_mlflow(args: argparse.Namespace, result, payload: str, title: str) -
 
 
 def register(analyses) -> argparse.ArgumentParser:
-    """Adds ``gradient-mismatch`` to the ``analyze`` subparsers."""
+    """Adds ``gradient-mismatch`` (and ``health``) to the ``analyze`` subparsers."""
     from binaryduo.trainer.analysis.mismatch_report import DEFAULT_ACTIVATIONS, DELTA_SCALES, STE_NAMES
 
     parser = analyses.add_parser(
@@ -372,4 +372,7 @@ def register(analyses) -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="log an MLflow run (params, metrics, artifacts)")
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment")
     parser.set_defaults(handler=cmd_gradient_mismatch)
+    from binaryduo.trainer.cli.health import register as register_health
+
+    register_health(analyses)  # ``analyze health RUN_DIR`` (trainer/cli/health.py)
     return parser

@@ -39,7 +39,7 @@ def _sweep_id(value: str) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from binaryduo.trainer.tracking import compare
+    from binaryduo.trainer.tracking import compare, compare_data
     from binaryduo.trainer.tracking.server import resolve_tracking_uri
 
     plot = Path(args.plot) if args.plot else None
@@ -81,6 +81,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         else:
             rows = compare.compare_rows(records, client, paper=not args.paper_off)
             table = compare.format_rows(rows, args.format)
+            notes += compare_data.data_notes(rows)
     except compare.CompareError as error:
         raise UsageError(str(error)) from None
     print(table)

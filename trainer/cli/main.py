@@ -120,10 +120,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from binaryduo.trainer.run.transitions import StageTransitionError
     from binaryduo.trainer.tracking.tracker import TrackingError, TrackingUnavailable
 
+    if args.register is not None:
+        from binaryduo.trainer.tracking.models import registered_name_problem
+
+        problem = registered_name_problem(args.register)
+        if problem is not None:
+            raise UsageError(problem)
     try:
         return train(args.recipe, overrides=args.set, output=args.output,
                      tracking_uri=args.tracking_uri, resume=args.resume, smoke=args.smoke,
-                     offline=args.offline, extra_tags=parse_tags(args.tag))
+                     offline=args.offline, extra_tags=parse_tags(args.tag),
+                     register=args.register)
     except TrackingUnavailable as error:  # pre-flight: before any compute or output
         raise UsageError(str(error)) from None
     except TrackingError as error:
@@ -182,12 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an MLflow tag on every run this command creates, e.g. "
                             "sweep_id=... (repeatable; binaryduo's own tags such as seed are "
                             "refused; with --resume, runs that exist keep their tags)")
+    train.add_argument("--register", metavar="NAME",
+                       help="register the last stage's final model in the MLflow Model Registry "
+                            "as a new version of NAME (needs logging.log_models, the default)")
     train.set_defaults(handler=cmd_train)
 
     demo = commands.add_parser(
         "demo", help="BNN vs BinaryDuo on Fashion-MNIST, table read back from MLflow",
         description="Prepares Fashion-MNIST, trains recipes/demo/*bnn* and *binaryduo* at equal "
-                    "budget, and prints a paper-style table from the MLflow record.")
+                    "budget, exports the BinaryDuo network to OpenVINO (verified on the whole "
+                    "test set), and prints a paper-style table from the MLflow record.")
     demo.add_argument("--output", default="runs/demo", help="parent of the two run directories")
     demo.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite ./mlflow.db)")
     demo.set_defaults(handler=cmd_demo)

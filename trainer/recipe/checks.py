@@ -12,6 +12,7 @@ from pathlib import Path
 from binaryduo import models
 from binaryduo.data.pipelines import output_size
 from binaryduo.trainer.recipe.schema import MAX_NAME, DataSection, Recipe
+from binaryduo.trainer.recipe.teacher import TORCHVISION, build_teacher_model
 
 
 def semantic_problems(recipe: Recipe, *, check_paths: bool,
@@ -84,6 +85,9 @@ def semantic_problems(recipe: Recipe, *, check_paths: bool,
                              f"stage {previous.name!r} trains {previous.variant!r}, this one "
                              f"{stage.variant!r}: their shapes differ (use transition: decouple "
                              f"from coupled to decoupled)"))
+        if stage.distill is not None:
+            problems.extend(_teacher_problems(recipe, index, check_paths=check_paths,
+                                              base_dir=base_dir))
         if check_paths and stage.init_from not in (None, "previous"):
             source = base_dir / stage.init_from
             if not source.exists():
@@ -128,4 +132,63 @@ def _dataset_problems(root: Path, data: DataSection) -> list[str]:
     if found == "imagefolder":
         return [f"dataset {data.root} has no {split}/ directory"
                 for split in ("train", "val") if not (root / split).is_dir()]
+    return []
+
+
+def _teacher_problems(recipe: Recipe, index: int, *, check_paths: bool,
+                      base_dir: Path) -> list[tuple[tuple, str]]:
+    """A stage's ``distill.teacher``: an earlier stage, or a known model whose checkpoint file
+    is plain weights (loaded without executing code) that fit it, with the student's classes."""
+    teacher = recipe.stages[index].distill.teacher
+    loc = ("stages", index, "distill", "teacher")
+    earlier = [stage.name for stage in recipe.stages[:index]]
+    if teacher.stage is not None:
+        if teacher.stage not in earlier:
+            return [(loc + ("stage",), f"{teacher.stage!r} is not an earlier stage of this recipe "
+                                       f"(earlier: {', '.join(earlier) or 'none'})")]
+        return []
+    try:
+        student = recipe.stages[index]
+        student_classes = models.registry.resolve_config(
+            recipe.model.name, student.variant, **recipe.model_options(student)).num_classes
+    except ValueError:  # reported with the model options
+        student_classes = None
+    if teacher.model.startswith(TORCHVISION):
+        import torchvision
+
+        name = teacher.model.removeprefix(TORCHVISION)
+        if name not in torchvision.models.list_models(torchvision.models):
+            return [(loc + ("model",), f"unknown torchvision classification model {name!r}")]
+        classes = teacher.options.get("num_classes", 1000)
+    elif teacher.model not in models.names():
+        return [(loc + ("model",), f"unknown model {teacher.model!r}; valid models: "
+                                   f"{', '.join(models.names())} or torchvision/<name>")]
+    else:
+        try:
+            classes = models.registry.resolve_config(teacher.model, teacher.variant,
+                                                     **teacher.options).num_classes
+        except ValueError as error:
+            return [(loc + ("options",), str(error))]
+    if student_classes is not None and classes != student_classes:
+        return [(loc + ("options",), f"the teacher has {classes} classes, the student "
+                                     f"{student_classes} (model.options.num_classes)")]
+    if not check_paths:
+        return []
+    path = base_dir / teacher.checkpoint
+    if not path.is_file():
+        return [(loc + ("checkpoint",), f"checkpoint {teacher.checkpoint} does not exist" if
+                 not path.exists() else f"checkpoint {teacher.checkpoint} is not a file")]
+    import torch
+
+    try:  # the safe loader's rule (trainer/run/checkpoint.load_model_state): no code runs
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        return [(loc + ("checkpoint",), f"{teacher.checkpoint} is not a plain weights file "
+                                        f"(refused: loading it would run code, or it is "
+                                        f"unreadable): {type(error).__name__}")]
+    try:
+        build_teacher_model(recipe, teacher).load_state_dict(weights)
+    except Exception as error:  # e.g. another class count, another architecture
+        return [(loc + ("checkpoint",), f"{teacher.checkpoint} does not fit {teacher.model}: "
+                                        f"{' '.join(str(error).split())[:300]}")]
     return []

@@ -8,8 +8,9 @@ came from an override).
 
 A recipe file is untrusted data: no YAML tag constructs an object (``!!python/...`` is refused,
 nothing runs), duplicate keys, self-referencing aliases and alias bombs are refused before
-anything is built, and ``${VAR}`` is expanded in ``data.root`` and ``stages.N.init_from`` only (a
-shared recipe cannot copy the environment into what it logs).
+anything is built, and ``${VAR}`` is expanded in the paths ``data.root``, ``stages.N.init_from`` and
+``stages.N.distill.teacher.checkpoint`` only (a shared recipe cannot copy the environment into
+what it logs).
 """
 from __future__ import annotations
 
@@ -158,7 +159,8 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 def _is_path_key(path: tuple) -> bool:
     return path == ("data", "root") or (len(path) == 3 and path[0] == "stages"
-                                        and path[2] == "init_from")
+                                        and path[2] == "init_from") or (
+        len(path) == 5 and path[0] == "stages" and path[2:] == ("distill", "teacher", "checkpoint"))
 
 
 def _expand_env(value: Any, path: tuple, problems: list[tuple[tuple, str]], check: bool) -> Any:
@@ -173,7 +175,8 @@ def _expand_env(value: Any, path: tuple, problems: list[tuple[tuple, str]], chec
         # secrets) into its description, tags or a tracking server's address
         if _ENV_REF.search(value):
             problems.append((path, "environment references (${...}) are only expanded in "
-                                   "data.root and stages.N.init_from"))
+                                   "data.root, stages.N.init_from and "
+                                   "stages.N.distill.teacher.checkpoint"))
         return value
 
     def substitute(match: re.Match) -> str:

@@ -187,6 +187,49 @@ class ScheduleSection(_Strict):
         return self
 
 
+class TeacherSection(_Strict):
+    """The network a stage distils from: an earlier stage of this recipe (``stage``), or a model
+    with a checkpoint file (``model`` + ``checkpoint``)."""
+
+    #: An earlier stage of this recipe: its ``checkpoint_tag`` checkpoint, built as that stage.
+    stage: StageName | None = None
+    #: Which checkpoint of ``stage``: its ``best`` validation top-1 or its ``last``.
+    checkpoint_tag: Literal["best", "last"] = "best"
+    #: A registry model (``binaryduo report --all`` lists them) or ``torchvision/<name>`` (e.g.
+    #: ``torchvision/resnet34``, whose ImageNet weights file torchvision publishes).
+    model: str | None = None
+    #: Registry models: the variant the checkpoint holds (``fp``: the full-precision reference).
+    variant: Literal["fp", "bnn", "coupled", "decoupled"] = "fp"
+    #: Model options (registry models) or constructor arguments (torchvision, e.g. num_classes).
+    options: dict[str, Any] = Field(default_factory=dict)
+    #: A model file (a state dict, loaded without executing code), relative to the working
+    #: directory.
+    checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.stage is None) == (self.model is None):
+            raise ValueError("give the teacher's stage, or its model and checkpoint (one of them)")
+        if self.model is not None and self.checkpoint is None:
+            raise ValueError(f"teacher model {self.model!r} needs a checkpoint file")
+        if self.stage is not None and (self.checkpoint is not None or self.options):
+            raise ValueError("a teacher stage is built and loaded as that stage: no checkpoint "
+                             "or options")
+        return self
+
+
+class DistillSection(_Strict):
+    """Knowledge distillation: loss = (1 - weight) * CE(student, labels)
+    + weight * temperature^2 * KL(softmax(teacher / T) || softmax(student / T)), the teacher in
+    eval mode under no_grad in the run's precision, on the same (augmented) batch."""
+
+    teacher: TeacherSection
+    #: The KL term's share of the loss, in [0, 1] (1: distillation only, as ReActNet's).
+    weight: float = Field(ge=0, le=1)
+    #: Softens both distributions; the T^2 factor keeps the gradient's scale (Hinton et al.).
+    temperature: float = Field(default=1.0, gt=0)
+
+
 class StageSection(_Strict):
     #: Names ``checkpoints/<name>/`` and the stage's artifacts; addressable by ``--set stages.<name>``.
     name: StageName
@@ -213,6 +256,8 @@ class StageSection(_Strict):
     #: alpha*sign(W) of the previous stage's latent FP weights; after ``decouple`` the decoupling
     #: is checked on the previous weight bits first (transitions.py).
     weight_bits: Literal[1, 32] | None = None
+    #: Distil from a teacher network (None: plain cross-entropy, the paper's).
+    distill: DistillSection | None = None
 
     @model_validator(mode="after")
     def _milestones_inside(self):
@@ -235,6 +280,17 @@ class LoggingSection(_Strict):
     tracking_uri: Annotated[str | None, AfterValidator(_server_uri)] = None
     #: Log training metrics every N steps (as well as per epoch).
     every_steps: int = Field(default=50, gt=0)
+    #: Each stage's final network as an MLflow Model (``mlflow.pytorch``: loadable with
+    #: ``mlflow.pytorch.load_model``, listed in the Models view, registrable with
+    #: ``binaryduo train --register NAME``); false: only the state-dict artifact ``model/``.
+    log_models: bool = True
+    #: CPU, memory, disk and network (and GPU utilisation and memory where a GPU and
+    #: ``nvidia-ml-py`` are present), sampled by rank 0 and logged as MLflow's system metrics
+    #: (``system/...``, the run's "System metrics" tab) to the parent run and to the stage run
+    #: that is training (binaryduo.trainer.tracking.system_metrics).
+    system_metrics: bool = True
+    #: Seconds between two system-metrics points (each the average of 5 samples).
+    system_metrics_interval_s: float = Field(default=10.0, ge=1.0)
 
 
 class CheckpointSection(_Strict):
@@ -253,6 +309,23 @@ class DeepSpeedSection(_Strict):
     sync_batchnorm: bool = True
 
 
+#: What ``health.metrics`` may list (binaryduo.models.health.METRICS; docs/health.md).
+HealthMetric = Literal["flip_ratio", "flip_ratio_step", "ste_coverage", "occupancy", "alpha",
+                       "grad_norm"]
+
+
+class HealthSection(_Strict):
+    """Binary-network health metrics per layer, logged to MLflow every epoch (docs/health.md)."""
+
+    enabled: bool = True
+    #: Which metrics (default: all); ``occupancy`` is one metric per activation level.
+    metrics: list[HealthMetric] = Field(default_factory=lambda: list(HealthMetric.__args__),
+                                        min_length=1)
+    #: Per-step statistics (activations, per-step flips, gradient norms) on every N-th global
+    #: step only: 1 = every step; more = less overhead, fewer samples.
+    sample_every_steps: int = Field(default=1, gt=0)
+
+
 def _no_fp16(value: Any) -> Any:
     if value == "fp16":
         raise ValueError("fp16 is not supported: its 5-bit exponent needs loss scaling, which "
@@ -268,9 +341,14 @@ LATER_KEYS_AT_DEFAULT: dict[tuple[str, ...], Any] = {
     ("stages", "*", "decouple_flip_tolerance"): 1e-4,
     ("compile",): False,
     ("data", "image_size"): None,
+    ("health",): HealthSection().model_dump(mode="json"),
+    ("logging", "log_models"): True,
+    ("logging", "system_metrics"): True,
+    ("logging", "system_metrics_interval_s"): 10.0,
     ("stages", "*", "optimizer", "betas"): [0.9, 0.999],
     ("stages", "*", "optimizer", "groups"): {},
     ("stages", "*", "weight_bits"): None,
+    ("stages", "*", "distill"): None,
 }
 
 
@@ -318,6 +396,7 @@ class Recipe(_Strict):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    health: HealthSection = Field(default_factory=HealthSection)
 
     def model_options(self, stage: StageSection) -> dict:
         """The model options ``stage`` builds its network with: ``model.options`` with the

@@ -123,6 +123,11 @@ class DataFeed:
         self._train: dict[int, object] = {}
         self._val = None
 
+    @property
+    def subsets(self) -> dict[str, int | None]:
+        """How many images of each split this feed reads (None: all of it)."""
+        return {"train": self._train_spec.subset, "val": self._val_spec.subset}
+
     def _spec(self, subset: int | None) -> LoaderSpec:
         return LoaderSpec(root=Path(self.data.root), format=self.data.format,
                           preset=self.data.preset, batch_size=self.per_rank_batch,

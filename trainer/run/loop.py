@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from binaryduo.models import clip_latent_weights_
 
+from binaryduo.trainer.run.health import NO_HEALTH, StageHealth
 from binaryduo.trainer.run.precision import compute_precision, to_device
 from binaryduo.trainer.runtime.distributed import DistributedContext, all_reduce_sum
 from binaryduo.trainer.runtime.faults import NO_FAULTS, EpochFaults
@@ -136,7 +137,8 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
                 lr_at: Callable[[int], float], first_step: int, log_every: int,
                 on_log: Callable[[int, dict[str, float]], None], progress=None,
                 resumed: EpochProgress | None = None, stop: StopSignal | None = None,
-                faults: EpochFaults = NO_FAULTS.at_epoch("", 0)) -> EpochProgress:
+                faults: EpochFaults = NO_FAULTS.at_epoch("", 0),
+                health: StageHealth = NO_HEALTH, distill=None) -> EpochProgress:
     """Trains ``engine`` over ``loader`` (the rest of an epoch); returns this rank's sums, with
     ``stopped`` set when a preemption request (``stop``, asked at every step) reached any rank.
 
@@ -156,7 +158,11 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
     loss or gradient on any rank raises ``FloatingPointError`` on every rank at that step; the
     step was applied to this engine's weights, which are therefore never checkpointed (the run
     stops; the last checkpoint holds the last good weights). ``faults`` is called at its named
-    points (after the backward pass, after the step; see :mod:`binaryduo.trainer.runtime.faults`).
+    points (after the backward pass, after the step; see :mod:`binaryduo.trainer.runtime.faults`);
+    so is ``health`` (before the forward pass, after the backward pass, after the step; device
+    work only: :mod:`binaryduo.trainer.run.health`). ``distill`` (a
+    :class:`~binaryduo.trainer.run.distill.Distiller`) replaces the cross-entropy with the
+    distillation loss against its teacher's logits for the same batch.
     """
     engine.train()
     sums = EpochProgress(**(resumed.__dict__ if resumed else {}))
@@ -172,15 +178,20 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
         sums.lr = lr_at(step)
         for group in engine.optimizer.param_groups:  # each role's multiple (deepspeed_engine)
             group["lr"] = sums.lr * group.get("lr_mult", 1.0)
+        health.step_started(step)
+        device_inputs = to_device(inputs, ctx.device)
         with compute_precision(dtype, ctx.device):
-            logits = engine(to_device(inputs, ctx.device))
-        loss = F.cross_entropy(logits.float(), labels.to(ctx.device))
+            logits = engine(device_inputs)
+        loss = (F.cross_entropy(logits.float(), labels.to(ctx.device)) if distill is None
+                else distill.loss(logits, labels.to(ctx.device), device_inputs))
         engine.backward(loss)
         grads = gradients(engine)
+        health.after_backward()
         faults.after_backward(engine.module, grads, sums.steps + 1)
         finite = _all_finite(loss, grads)  # before the step: ZeRO 1 frees its partitions in it
         engine.step()
         clip_latent_weights_(engine.module)
+        health.after_step()
         loss_sum += loss.detach().to(torch.float64)
         sums.images += labels.shape[0]
         sums.steps += 1

@@ -13,7 +13,8 @@ Read :meth:`StageRunner.run` and :meth:`StageRunner.run_stage` top to bottom; th
 Concerns that cut across come in through objects called at named points, never woven into the
 loop: :class:`FaultHooks` (fault injection for the reliability suite; a no-op unless
 ``BINARYDUO_FAULT`` is set), :class:`Preemption` (stop at a step boundary, agreed by all ranks) and
-the :class:`Tracker` (MLflow). Seeds and resume points: state.py.
+the :class:`Tracker` (MLflow), with :class:`SystemMetrics` (CPU/GPU use, sampled in a thread of its
+own). Seeds and resume points: state.py.
 """
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ from pathlib import Path
 import torch
 
 from binaryduo import models
+from binaryduo.trainer.analysis.health_report import plot_health, read_health
 from binaryduo.trainer.recipe import Recipe, StageSection
 from binaryduo.trainer.run.checkpoint import StageCheckpoints, atomic_write_text
 from binaryduo.trainer.run.deepspeed_engine import make_engine
+from binaryduo.trainer.run.distill import Distiller, make_distiller
+from binaryduo.trainer.run.health import NO_HEALTH, StageHealth
 from binaryduo.trainer.run.loop import (EpochProgress, EpochStats, EvalStats, epoch_stats, evaluate,
                                         train_epoch)
 from binaryduo.trainer.run.progress import progress_bar, summary_line
@@ -42,6 +46,7 @@ from binaryduo.trainer.runtime.faults import FaultHooks
 from binaryduo.trainer.runtime.preemption import Preempted
 from binaryduo.trainer.runtime.sync_batchnorm import synchronize_batchnorm
 from binaryduo.trainer.tracking.curves import plot_training_curves
+from binaryduo.trainer.tracking.system_metrics import SystemMetrics
 from binaryduo.trainer.tracking.tracker import Tracker, flatten
 
 
@@ -57,6 +62,8 @@ class ActiveStage:
     steps_per_epoch: int = 0
     resume: ResumePoint | None = None
     transition_metrics: dict[str, float] = field(default_factory=dict)
+    health: StageHealth = NO_HEALTH  # per-layer health metrics (health.py)
+    distiller: Distiller | None = None  # the stage's teacher and loss (distill.py)
     top1: float = float("nan")
     top5: float = float("nan")
 
@@ -92,18 +99,26 @@ class StageRunner:
 
     def __init__(self, recipe: Recipe, *, ctx: DistributedContext, output_dir: Path,
                  tracker: Tracker, loaders, dtype: torch.dtype, tags: dict[str, str],
-                 recipe_hash: str, state: RunState, preemption=None):
+                 recipe_hash: str, state: RunState, preemption=None,
+                 datasets: list[dict[str, str]] | None = None, register: str | None = None):
         self.recipe, self.ctx, self.output_dir = recipe, ctx, output_dir
+        #: MLflow dataset inputs of every run (tracking/datasets.py); the last stage's model is
+        #: registered under ``register`` (``binaryduo train --register``)
+        self.datasets, self.register = datasets or [], register
         self.tracker, self.loaders, self.dtype, self.tags = tracker, loaders, dtype, tags
         self.recipe_hash, self.preemption = recipe_hash, preemption
         self.faults = FaultHooks.from_environment(ctx.rank)
         self.state = state  # run_state.json as found (train.py checked it names this recipe)
+        #: CPU/GPU use, sampled in a thread into the parent and running stage's runs (rank 0)
+        self.system_metrics = SystemMetrics.for_recipe(recipe.logging, tracker,
+                                                       gpu_expected=ctx.device.type == "cuda")
 
     # -- the method -------------------------------------------------------------------------------
     def run(self) -> list[StageResult]:
         self.open_record()
         try:
-            results = [self.run_stage(index) for index in range(len(self.recipe.stages))]
+            with self.system_metrics.sampling(self.state.parent_run_id):
+                results = [self.run_stage(index) for index in range(len(self.recipe.stages))]
             self.close_record()
             if self.ctx.is_main:
                 self.state.finished = True
@@ -120,9 +135,10 @@ class StageRunner:
         for epoch in range(stage.first_epoch, stage.spec.epochs):
             sums = self.train(stage, epoch)
             stats = epoch_stats(sums, self.ctx)
+            health = stage.health.epoch_metrics()
             self.check_and_synchronize(stage, epoch)
             evaluation = self.evaluate(stage, epoch)
-            self.record_epoch(stage, epoch, stats, evaluation)
+            self.record_epoch(stage, epoch, stats, evaluation, health)
             self.checkpoint(stage, epoch)
         return self.finish(stage)
 
@@ -157,6 +173,12 @@ class StageRunner:
                 stage.checkpoints.load(stage.engine, latest), ctx.rank,
                 world_size=ctx.world_size, seed=recipe.seed)
             stage.transition_metrics = stage.resume.transition_metrics
+        stage.health = StageHealth(recipe.health, stage.engine.module, ctx)
+        if spec.distill is not None:
+            stage.distiller = make_distiller(recipe, spec.distill, output_dir=self.output_dir,
+                                             device=ctx.device, dtype=self.dtype)
+            if ctx.is_main:
+                self.tracker.log_params(stage.run_id, stage.distiller.provenance)
         stage.steps_per_epoch = self.loaders.steps_per_epoch(stage_seed(recipe.seed, index, 0))
         return stage
 
@@ -172,6 +194,7 @@ class StageRunner:
         seed_model_randomness(recipe.seed, stage.index, epoch + 1, ctx.rank)
         if resumed:
             set_rng_states(resumed.rng_states)
+        stage.health.epoch_started(resumed.health if resumed else None)
         loader = self.loaders.train(stage_seed(recipe.seed, stage.index, 0), epoch, start_step)
         progress = progress_bar(stage.name, epoch, stage.spec.epochs, len(loader), ctx,
                                 initial=start_step)
@@ -183,7 +206,8 @@ class StageRunner:
                 on_log=lambda step, m: self.tracker.log_metrics(stage.run_id, m, step),
                 progress=progress, resumed=resumed.sums if resumed else None,
                 stop=self.preemption,
-                faults=self.faults.at_epoch(stage.name, epoch + 1))
+                faults=self.faults.at_epoch(stage.name, epoch + 1), health=stage.health,
+                distill=stage.distiller)
         except FloatingPointError as error:
             raise FloatingPointError(stage.divergence(epoch, error)) from None
         if progress is not None:
@@ -213,7 +237,7 @@ class StageRunner:
         return evaluation
 
     def record_epoch(self, stage: ActiveStage, epoch: int, stats: EpochStats,
-                     evaluation: EvalStats) -> None:
+                     evaluation: EvalStats, health: dict[str, float] | None = None) -> None:
         if not math.isfinite(stats.loss):  # the per-step check stops sooner; belt and braces
             raise FloatingPointError(stage.divergence(epoch, f"training loss is {stats.loss}"))
         metrics = {"train_loss": stats.loss, "val_top1": evaluation.top1,
@@ -222,7 +246,11 @@ class StageRunner:
                    "images_per_second": stats.images_per_second,
                    "data_wait_fraction": stats.data_wait_fraction,
                    "epoch_seconds": stats.seconds}
+        if stage.distiller is not None:  # the teacher's cost (distill.py)
+            metrics.update(stage.distiller.epoch_metrics(stats.images, stats.seconds))
         self.tracker.log_metrics(stage.run_id, metrics, step=epoch + 1)
+        if health:  # health/<layer>/<metric> (docs/health.md)
+            self.tracker.log_metrics(stage.run_id, health, step=epoch + 1)
         summary_line(stage.name, epoch + 1, stage.spec.epochs, metrics, self.ctx)
 
     def checkpoint(self, stage: ActiveStage, epoch: int) -> None:
@@ -254,7 +282,8 @@ class StageRunner:
         if step:
             extra = {"step_in_epoch": step,
                      "epoch_progress": all_gather_objects(dict(sums.__dict__)),
-                     "rng_states": all_gather_objects(rng_states())}
+                     "rng_states": all_gather_objects(rng_states()),
+                     "health": stage.health.checkpoint_state()}
             # no BN sync here: an uninterrupted run does not sync mid-epoch either (with
             # deepspeed.sync_batchnorm the ranks' statistics are identical anyway)
             stage.checkpoints.save(stage.engine, epoch=epoch, top1=float("nan"), step=step,
@@ -276,6 +305,7 @@ class StageRunner:
                                                 run_id=state.parent_run_id)
         if state.parent_run_id is not None:
             tracker.log_params(state.parent_run_id, flatten(self.recipe.model_dump(mode="json")))
+            tracker.log_inputs(state.parent_run_id, self.datasets)
             tracker.log_artifact(state.parent_run_id, self.output_dir / "recipe.resolved.yaml")
             tracker.log_artifact(state.parent_run_id, self.output_dir / "provenance.json")
         if ctx.is_main:
@@ -288,8 +318,10 @@ class StageRunner:
             run_id=self.state.stage_run_ids.get(spec.name))
         if run_id is not None:
             self.state.stage_run_ids[spec.name] = run_id
+            self.system_metrics.follow(run_id)
             self.tracker.log_params(run_id, {"stage_index": index,
                                              **flatten(spec.model_dump(mode="json"), "stage.")})
+            self.tracker.log_inputs(run_id, self.datasets)
         if self.ctx.is_main:
             self.state.save(self.output_dir)
         return run_id
@@ -313,11 +345,37 @@ class StageRunner:
                                                 "mflops": report.flops / 1e6},
                                  step=stage.spec.epochs)
         self.tracker.log_artifact(stage.run_id, stage.checkpoints.model_file("last"), "model")
+        if self.recipe.logging.log_models and self.tracker.enabled:
+            self.log_stage_model(stage)
+        self.system_metrics.follow(self.state.parent_run_id)  # between stages: the parent only
         self.tracker.finish(stage.run_id)
         if stage.name not in self.state.completed:
             self.state.completed.append(stage.name)
         self.state.save(self.output_dir)
         return result
+
+    def log_stage_model(self, stage: ActiveStage) -> None:
+        """The stage's final network as an MLflow Model (tracking/models.py), linked to the
+        stage's run at its last epoch; the last stage's is registered with ``--register``."""
+        from binaryduo.trainer.tracking.models import MODELS_DIR, save_stage_model
+
+        model = build_stage_model(self.recipe, stage.spec)  # plain module: no engine, no compile
+        model.load_state_dict(torch.load(stage.checkpoints.model_file("last"), map_location="cpu",
+                                         weights_only=True))
+        config = model.config
+        metadata = {"stage": stage.name, "variant": stage.spec.variant,
+                    "recipe": self.recipe.name, "recipe_hash": self.recipe_hash,
+                    "model": self.recipe.model.name, "epochs": stage.spec.epochs}
+        if stage.transition_metrics:
+            metadata["decoupling_check"] = dict(stage.transition_metrics)
+        directory = save_stage_model(
+            model, self.output_dir / MODELS_DIR / stage.name,
+            input_shape=(config.in_channels, config.input_size, config.input_size),
+            metadata=metadata)
+        self.tracker.log_model(stage.run_id, stage.name, directory, step=stage.spec.epochs,
+                               tags={"stage": stage.name, "variant": stage.spec.variant})
+        if self.register and stage.index == len(self.recipe.stages) - 1:
+            self.tracker.register_model(stage.run_id, stage.name, self.register)
 
     def close_record(self) -> None:
         """Training curves of every stage on the parent run, which is then finished."""
@@ -328,7 +386,24 @@ class StageRunner:
             [(s.name, self.state.stage_run_ids[s.name]) for s in self.recipe.stages],
             self.output_dir / "training_curves.png")
         self.tracker.log_artifact(self.state.parent_run_id, curves)
+        self.log_health_plot()
         self.tracker.finish(self.state.parent_run_id)
+
+    def log_health_plot(self) -> None:
+        """``health.png`` on the parent run: every stage's health per layer (health_report.py);
+        best effort (a record the store cannot give back costs the plot, not the run)."""
+        if not self.recipe.health.enabled:
+            return
+        try:
+            record = read_health(self.tracker.client, [(s.name, self.state.stage_run_ids[s.name])
+                                                       for s in self.recipe.stages])
+            path = plot_health(record, self.output_dir / "health.png", title=self.recipe.name)
+        except Exception as error:  # noqa: BLE001 (the run's results stand)
+            print(f"binaryduo: warning: no health plot ({type(error).__name__}: {error})",
+                  flush=True)
+            return
+        if path is not None:
+            self.tracker.log_artifact(self.state.parent_run_id, path)
 
     def mark_failed(self) -> None:
         """The record says what happened: the parent and the stage that failed are FAILED."""

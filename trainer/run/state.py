@@ -81,6 +81,8 @@ class ResumePoint:
     transition_metrics: dict[str, float]
     sums: EpochProgress | None = None
     rng_states: dict | None = None
+    #: a mid-epoch checkpoint's health sums and flip reference (trainer/run/health.py)
+    health: dict | None = None
 
     @classmethod
     def from_client_state(cls, client: dict[str, Any], rank: int, *, world_size: int,
@@ -94,7 +96,8 @@ class ResumePoint:
         step = int(client.get("step_in_epoch", 0))
         epoch = int(client["epoch"])
         common = {"epoch": epoch, "step_in_epoch": step,
-                  "transition_metrics": dict(client.get("transition_metrics", {}))}
+                  "transition_metrics": dict(client.get("transition_metrics", {})),
+                  "health": client.get("health")}
         if not step:
             return cls(**common)
         saved = client["epoch_progress"]

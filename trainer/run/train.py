@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from binaryduo.trainer.recipe import Recipe, load_recipe
+from binaryduo.trainer.recipe import Recipe, RecipeError, load_recipe
 from binaryduo.trainer.run.checkpoint import atomic_write_text
 from binaryduo.trainer.runtime.console import stderr_line
 from binaryduo.trainer.runtime.preemption import (EXIT_PREEMPTED, Preempted, Preemption,
@@ -59,6 +59,20 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     return Recipe.model_validate(data)
 
 
+def _dataset_inputs(recipe: Recipe, feed, data_check) -> list[dict[str, str]]:
+    """The train and val datasets as MLflow inputs (rank 0); a failure to describe them is a
+    warning, never a stop."""
+    from binaryduo.trainer.tracking.datasets import describe_datasets
+
+    try:
+        return describe_datasets(recipe.data.root, recipe.data.format,
+                                 subsets=feed.subsets,
+                                 exclude=data_check.skipped)
+    except (OSError, ValueError) as error:
+        stderr_line(f"binaryduo: warning: datasets not recorded as MLflow inputs: {error}")
+        return []
+
+
 def prepare_data(recipe: Recipe) -> None:
     """Builds demo data where a recipe asks for it (``data.prepare``) and it is missing."""
     if recipe.data.prepare == "fashion-mnist":
@@ -72,7 +86,7 @@ def prepare_data(recipe: Recipe) -> None:
 
 def train(recipe_path: str, *, overrides: list[str], output: str | None, tracking_uri: str | None,
           resume: str | None, smoke: bool, offline: bool = False,
-          extra_tags: dict[str, str] | None = None) -> int:
+          extra_tags: dict[str, str] | None = None, register: str | None = None) -> int:
     """Validates (before any compute), then runs every stage; returns the exit status.
     ``extra_tags`` (e.g. ``sweep_id``) go on every MLflow run of the recipe run, beside the
     tags set here (none may be one of :data:`RESERVED_TAGS`)."""
@@ -82,7 +96,7 @@ def train(recipe_path: str, *, overrides: list[str], output: str | None, trackin
     try:
         return _train(preemption, recipe_path, overrides=overrides, output=output,
                       tracking_uri=tracking_uri, resume=resume, smoke=smoke, offline=offline,
-                      extra_tags=extra_tags or {})
+                      extra_tags=extra_tags or {}, register=register)
     finally:
         # last: a SIGTERM that follows our own `scontrol requeue` only sets the flag
         preemption.restore()
@@ -90,12 +104,16 @@ def train(recipe_path: str, *, overrides: list[str], output: str | None, trackin
 
 def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], output: str | None,
            tracking_uri: str | None, resume: str | None, smoke: bool,
-           offline: bool = False, extra_tags: dict[str, str]) -> int:
+           offline: bool = False, extra_tags: dict[str, str],
+           register: str | None = None) -> int:
     # Validation happens in every process before the process group exists: a bad recipe costs
     # nothing, and every rank reports the same problem.
     recipe = load_recipe(recipe_path, overrides)
     if smoke:
         recipe = smoke_recipe(recipe)
+    if register is not None and not recipe.logging.log_models:
+        raise RecipeError([f"--register {register}: needs the stages' models in MLflow "
+                           f"(logging.log_models is false)"])
     if resume is not None and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such run directory")
     uri = resolve_tracking_uri(tracking_uri, recipe.logging.tracking_uri)
@@ -162,10 +180,12 @@ def _train(preemption: Preemption, recipe_path: str, *, overrides: list[str], ou
         tracker = Tracker(uri, recipe.logging.experiment, enabled=ctx.is_main,
                           journal_dir=output_dir, offline=offline)
         feed = DataFeed(recipe.data, ctx, smoke=smoke, exclude=data_check.skipped)
+        datasets = _dataset_inputs(recipe, feed, data_check) if tracker.enabled else []
         try:
             results = run_recipe(recipe, ctx=ctx, output_dir=output_dir, tracker=tracker,
                                  loaders=feed, dtype=dtype, tags=tags, recipe_hash=digest,
-                                 state=state, preemption=preemption)
+                                 state=state, preemption=preemption, datasets=datasets,
+                                 register=register)
         except Preempted as stop:
             if ctx.is_main:
                 action = requeue_slurm_job() if stop.requeue else (

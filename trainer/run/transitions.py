@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from binaryduo import models
+from binaryduo.models.health import transition_health
 from binaryduo.trainer.recipe import Recipe, StageSection
 from binaryduo.trainer.run.checkpoint import StageCheckpoints, atomic_write_text, load_model_state
 from binaryduo.trainer.run.loop import evaluate
@@ -190,6 +191,10 @@ def verify_decoupled_start(pending: PendingDecoupling, module: torch.nn.Module, 
                         "weight_switch_val_top1_delta": before.top1 - decoupled_top1})
     tracker.log_metrics(run_id, {**metrics, "val_top1": before.top1, "val_top5": before.top5},
                         step=0)
+    if recipe.health.enabled:  # both networks' activations on the check batch (docs/health.md)
+        tracker.log_metrics(run_id, transition_health(
+            pending.coupled, decoupled, loaders.fixed_val_batch(),
+            autocast=dtype if dtype != torch.float32 else None), step=0)
     return metrics
 
 

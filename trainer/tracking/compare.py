@@ -29,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from binaryduo.trainer.tracking.compare_data import data_digests, mark_different_data
+
 PARENT_TAG = "mlflow.parentRunId"
 FORMATS = ("md", "csv", "json")
 
@@ -63,6 +65,9 @@ class Row:
     smoke: bool = False
     run_id: str = ""
     parent_run_id: str = ""
+    train_digest: str = ""           # dataset inputs' digests (compare_data.py)
+    val_digest: str = ""
+    data_differs: bool = False
 
 
 # The paper's numbers (docs/method.md §6 accuracy; §5 Mbit / FLOPs as in the paper's table).
@@ -231,6 +236,7 @@ def rows_of(record: RunRecord, client=None, now: float | None = None) -> list[Ro
         hardware=tags.get("hardware", ""), code_version=tags.get("code_version", ""),
         recipe=recipe, smoke=tags.get("smoke") == "true", parent_run_id=parent.info.run_id)
     now_ms = (now if now is not None else time.time()) * 1000
+    common.update(data_digests(parent))
     rows = []
     for stage in record.stages:
         metrics, stage_tags = stage.data.metrics, stage.data.tags
@@ -274,7 +280,7 @@ def _history(client, run, key: str) -> list[tuple[int, float]]:
 def compare_rows(records: list[RunRecord], client=None, *, paper: bool = True) -> list[Row]:
     """Rows of every run, grouped by (dataset, model) with the paper's rows of that group first;
     without runs, every paper row."""
-    run_rows = [row for record in records for row in rows_of(record, client)]
+    run_rows = mark_different_data([r for record in records for r in rows_of(record, client)])
     groups = list(dict.fromkeys((r.dataset, r.model) for r in run_rows))
     if not run_rows:
         groups = list(dict.fromkeys((r.dataset, r.model) for r in PAPER_ROWS))
@@ -292,7 +298,8 @@ COLUMNS = (  # (header, Row attribute or callable)
     ("dataset", "dataset"), ("model", "model"), ("method", "method"), ("W bits", "weight_bits"),
     ("stage", "stage"), ("top-1", "top1"), ("top-5", "top5"), ("best top-1", "best_top1"),
     ("Mbit", "mbit"), ("MFLOPs", "mflops"), ("epochs", "epochs"), ("wall", "wall_seconds"),
-    ("img/s", "images_per_second"), ("world", "world_size"), ("code", "code_version"),
+    ("img/s", "images_per_second"), ("world", "world_size"), ("data", "train_digest"),
+    ("code", "code_version"),
     ("recipe / source", "recipe"),
 )
 
@@ -318,6 +325,9 @@ def _cell(row: Row, attribute: str) -> str:
             else str(value)
     if attribute == "code_version" and len(value) > 12:
         return value[:12] + ("-dirty" if value.endswith("-dirty") else "")
+    if attribute == "train_digest" and row.source == "run":
+        shown = value[:8] or ("?" if row.val_digest else "")
+        return f"{shown} ≠" if row.data_differs else shown
     if attribute == "world_size" and value is not None:
         return f"{value} x {row.hardware}" if row.hardware else str(value)
     if attribute == "recipe" and row.source == "run":
@@ -336,7 +346,8 @@ def _cell(row: Row, attribute: str) -> str:
 
 LEGEND = ("*italic*: the paper's numbers (Kim et al., ICLR 2020; docs/method.md §5-§6); "
           "top-1/top-5 = last epoch's validation accuracy (%), best top-1 = best epoch; "
-          "epochs = done/planned.")
+          "epochs = done/planned; data = digest of the training data (MLflow dataset input), "
+          "≠: runs of that dataset and model used different training or validation data.")
 
 
 def format_markdown(rows: list, columns=COLUMNS, cell=None, legend: str = LEGEND) -> str:
@@ -380,71 +391,6 @@ def format_rows(rows: list[Row], fmt: str) -> str:
 
 
 # -------------------------------------------------------------------------------------- plots
-
-
-def curve_of(record: RunRecord) -> tuple[list[int], list[float], list[int]]:
-    """(x, top-1, stage boundaries) of a run's validation curve: the stages one after the other
-    (x = epochs since the first stage began; step 0 of a decouple stage sits on the boundary)."""
-    offset, xs, ys, boundaries = 0, [], [], []
-    for index, stage in enumerate(record.stages):
-        history = record.histories.get(stage.info.run_id, [])
-        xs += [offset + step for step, _ in history]
-        ys += [value for _, value in history]
-        offset += max((step for step, _ in history), default=0)
-        if index < len(record.stages) - 1:
-            boundaries.append(offset)
-    return xs, ys, boundaries
-
-
-def plot_comparison(records: list[RunRecord], rows: list[Row], path: Path) -> Path:
-    """Two panels: validation top-1 per epoch of every run (stages one after the other, boundaries
-    dotted, step 0 of a decouple stage = the decoupled model before fine-tuning), and top-1 versus
-    model size (Mbit) of every run's stages and the paper's rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (curves, sizes) = plt.subplots(1, 2, figsize=(13, 5))
-    colours: dict[str, object] = {}
-    for record in records:
-        label = record.parent.data.tags.get("recipe", record.parent.info.run_id[:8])
-        xs, ys, boundaries = curve_of(record)
-        for boundary in boundaries:
-            curves.axvline(boundary, color="grey", linestyle=":", linewidth=1)
-        if xs:
-            line, = curves.plot(xs, ys, marker="o", markersize=3, label=label)
-            colours[record.parent.info.run_id] = line.get_color()
-    curves.set(xlabel="epoch (stages in order; dotted: stage boundary)",
-               ylabel="validation top-1 (%)", title="validation top-1 per epoch")
-    curves.grid(alpha=0.3)
-    if records:
-        curves.legend(fontsize=7)
-
-    shown = [r for r in rows if r.mbit is not None and r.top1 is not None
-             and "before fine-tune" not in r.stage]
-    for row in shown:
-        paper = row.source == "paper"
-        sizes.scatter(row.mbit, row.top1, marker="*" if paper else "o", s=90 if paper else 30,
-                      color="black" if paper else colours.get(row.parent_run_id, "tab:blue"))
-        text = (f"paper {row.model} {row.method}" if paper
-                else f"{row.recipe}: {row.stage.split(' ')[0]}")
-        sizes.annotate(text, (row.mbit, row.top1), fontsize=6, xytext=(3, 3),
-                       textcoords="offset points")
-    return finish_plot(figure, sizes, [r.mbit for r in shown], path,
-                       title="accuracy vs size (star: paper)")
-
-
-def finish_plot(figure, sizes, mbits: list[float], path: Path, *, title: str) -> Path:
-    """The size panel's axes (log where sizes span > 20x: VGG-7 ~10 Mbit, AlexNet ~190); saved."""
-    import matplotlib.pyplot as plt
-
-    sizes.set(xlabel="model size (Mbit)", ylabel="top-1 (%)", title=title)
-    mbits = [m for m in mbits if m > 0]
-    if mbits and max(mbits) / min(mbits) > 20:
-        sizes.set_xscale("log")
-    sizes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+# (compare_plot.py; here too, where the CLI and seed_groups look for them)
+from binaryduo.trainer.tracking.compare_plot import (curve_of, finish_plot,  # noqa: E402,F401
+                                                     plot_comparison)

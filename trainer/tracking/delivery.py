@@ -171,6 +171,26 @@ class RecordSender:
                 raise MlflowException(f"artifact file {path} no longer exists",
                                       error_code=RESOURCE_DOES_NOT_EXIST)
             client.log_artifact(run_id, path, record["artifact_path"])
+        elif op == "log_inputs":  # the store keeps one input per run, dataset name and digest
+            from binaryduo.trainer.tracking.datasets import dataset_input
+
+            client.log_inputs(run_id, datasets=[dataset_input(d) for d in record["datasets"]])
+        elif op == "log_model":
+            from binaryduo.trainer.tracking.models import deliver_model
+
+            directory = (self.journal.model_source(record) if self.journal is not None
+                         else Path(record["path"]))
+            if not (directory / "MLmodel").is_file():
+                from mlflow.exceptions import MlflowException
+                from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+                raise MlflowException(f"model directory {directory} no longer exists",
+                                      error_code=RESOURCE_DOES_NOT_EXIST)
+            deliver_model(client, self.ensure_experiment(), run_id, record, directory)
+        elif op == "register_model":
+            from binaryduo.trainer.tracking.models import deliver_registration
+
+            deliver_registration(client, self.ensure_experiment(), run_id, record)
         elif op == "set_terminated":
             client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
         else:

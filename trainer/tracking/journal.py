@@ -5,8 +5,10 @@
 
 - ``{"session": {...}}``: a process opened the journal (tracking URI, experiment, offline, pid);
 - ``{"seq": N, "op": ..., ...}``: a record (``create_run``, ``reopen_run``, ``log_params``,
-  ``log_metrics``, ``set_tags``, ``log_artifact``, ``set_terminated``) with everything needed to
-  send it again: metric timestamps, run start and end times, artifact paths;
+  ``log_metrics``, ``set_tags``, ``log_artifact``, ``log_inputs``, ``log_model``,
+  ``register_model``, ``set_terminated``) with everything needed to send it again: metric
+  timestamps, run start and end times, artifact paths, the dataset inputs' fields, the folder of a
+  saved MLflow model (``RUN_DIR/mlflow-models/<stage>``, written once, so not spooled);
 - ``{"done": N}``: record N was delivered (``"run_id"`` for a ``create_run``: the MLflow id of the
   placeholder ``local-...`` id handed out while the server was away);
 - ``{"spool": N, "path": ...}``: record N's artifact was copied under ``mlflow-journal/spool/`` when
@@ -154,6 +156,16 @@ class Journal:
         any other file."""
         spooled = self.spooled.get(record.get("seq"))
         path = Path(spooled if spooled is not None else record["path"]).resolve()
+        run_dir = self.run_dir.resolve()
+        if not path.is_relative_to(run_dir):
+            raise ValueError(f"record {record.get('seq')}: refusing to upload {path}: outside "
+                             f"the run directory {run_dir}")
+        return path
+
+    def model_source(self, record: dict[str, Any]) -> Path:
+        """The saved MLflow model folder a ``log_model`` record uploads; like an artifact, it must
+        lie inside the run directory."""
+        path = Path(record["path"]).resolve()
         run_dir = self.run_dir.resolve()
         if not path.is_relative_to(run_dir):
             raise ValueError(f"record {record.get('seq')}: refusing to upload {path}: outside "

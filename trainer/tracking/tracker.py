@@ -27,14 +27,21 @@ When the tracking server goes away (``binaryduo train`` gives the Tracker a run 
   already on the run are skipped, the store drops a metric identical in key, value, step and
   timestamp, tags and artifacts overwrite themselves, and creates look for their placeholder tag.
 
+Records may come from two threads (the training and the system-metrics sampler,
+:mod:`.system_metrics`): journaling and sending are serialised by one lock, so a record is never
+half written and the backlog keeps its order (a send the sampler makes can delay the training's
+next record by as long as that send takes: with the server away, once per back-off interval, as
+the training's own send would).
+
 ``Tracker.client`` is what ``plot_training_curves`` reads: with a journal, a run's metric history
 comes from the journal when the journal created that run (it then holds all of it), so the curves
-need no server.
+need no server (the runner stops the sampler before it reads them).
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -118,6 +125,7 @@ class Tracker:
         self._delay = 0.0
         self._delivered_while_down = 0
         self._direct_run_id = None
+        self._lock = threading.RLock()  # one record at a time (the sampler thread logs too)
         if enabled and journal_dir is not None:
             bound_http_requests()
             self.journal = Journal(Path(journal_dir))
@@ -182,6 +190,38 @@ class Tracker:
             self._submit("log_artifact", run_id=run_id, path=str(Path(path).resolve()),
                          artifact_path=artifact_path)
 
+    def log_inputs(self, run_id: str | None, datasets: list[dict[str, str]]) -> None:
+        """Dataset inputs (:func:`.datasets.describe_datasets`' records) of ``run_id``."""
+        if self.enabled and datasets:
+            self._submit("log_inputs", run_id=run_id, datasets=list(datasets))
+
+    def log_model(self, run_id: str | None, name: str, directory: Path, step: int,
+                  tags: Mapping[str, str] | None = None) -> None:
+        """The MLflow model saved in ``directory`` (:func:`.models.save_stage_model`, inside the
+        run directory) as the logged model ``name`` of ``run_id``, linked at ``step``."""
+        if self.enabled:
+            self._submit("log_model", run_id=run_id, name=name,
+                         path=str(Path(directory).resolve()), step=int(step),
+                         tags={k: str(v) for k, v in (tags or {}).items()})
+
+    def register_model(self, run_id: str | None, name: str, registered_name: str) -> None:
+        """A Model Registry version of ``registered_name`` from the logged model ``name``."""
+        if self.enabled:
+            self._submit("register_model", run_id=run_id, name=name,
+                         registered_name=registered_name)
+
+    def last_step(self, run_id: str | None, prefix: str) -> int | None:
+        """The largest step of the metrics named ``prefix...`` that the journal holds for
+        ``run_id`` (a resumed run's system metrics continue after it); None without any."""
+        if self.journal is None or run_id is None:
+            return None
+        with self._lock:
+            canonical = self._sender.canonical(run_id)
+            steps = [r["step"] for r in self.journal.records.values()
+                     if r["op"] == "log_metrics" and any(k.startswith(prefix) for k in r["metrics"])
+                     and self._sender.canonical(r["run_id"]) == canonical]
+        return max(steps, default=None)
+
     def finish(self, run_id: str | None, status: str = "FINISHED") -> None:
         if self.enabled and run_id is not None:
             self._submit("set_terminated", run_id=run_id, status=status,
@@ -195,6 +235,10 @@ class Tracker:
         """Tries the backlog once more, says what is still pending and how to deliver it, and
         releases the journal. Never raises (the training's result stands); returns the number of
         records still pending."""
+        with self._lock:
+            return self._close_locked()
+
+    def _close_locked(self) -> int:
         if not self.enabled or self.journal is None:
             return 0
         run_dir = self.journal.run_dir
@@ -238,6 +282,10 @@ class Tracker:
 
     # ------------------------------------------------------------------ delivery
     def _submit(self, op: str, **fields: Any) -> None:
+        with self._lock:
+            self._submit_locked(op, **fields)
+
+    def _submit_locked(self, op: str, **fields: Any) -> None:
         if self.journal is None:  # direct: as before the journal existed, errors raise
             result = self._sender.deliver({"op": op, **fields, "local_id": None})
             if op == "create_run":
