@@ -32,7 +32,6 @@ Run:  .venv/bin/python benchmarks/health_overhead.py [--models vgg7,resnet18]
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 
 from binaryduo import models
 from binaryduo.models.health import HealthProbe
+# the same timing helpers as the quantizer benchmark (benchmarks/ is on sys.path when run)
+from quantizer_overhead import _load, _relative_iqr, _sync
 
 TARGET = 1.03
 VARIANTS = ("bnn", "coupled", "decoupled")
@@ -59,11 +60,6 @@ SETUPS = {
     "vgg7": Setup(32, 128, {"width_mult": 0.5, "num_classes": 10}),
     "resnet18": Setup(64, 32, {"input_size": 64, "num_classes": 1000}),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -151,13 +147,6 @@ def measure(name: str, variant: str, batch: int, steps: int, warmup: int, device
                statistics.median(plain) * 1e3, pair, spread, epoch_end * 1e3, sample_every)
 
 
-def _relative_iqr(values: list[float]) -> float:
-    if len(values) < 4:
-        return float("nan")
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return (q3 - q1) / statistics.median(values)
-
-
 def format_table(rows: list[Row]) -> str:
     header = (f"{'model':<9} {'variant':<10} {'batch':>5} {'health ms':>10} {'plain ms':>9} "
               f"{'time x':>7} {'pair x':>7} {'spread':>7} {'every':>5} {'sampled x':>9} "
@@ -169,14 +158,6 @@ def format_table(rows: list[Row]) -> str:
                      f"{r.spread:>7.1%} {r.sample_every:>5} {r.sampled_ratio:>9.3f} "
                      f"{r.epoch_end_ms:>12.1f}  {r.verdict}")
     return "\n".join(lines)
-
-
-def _load() -> str:
-    try:
-        one, five, _ = os.getloadavg()
-    except OSError:
-        return "unknown"
-    return f"{one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
 def main(argv: list[str] | None = None) -> int:
