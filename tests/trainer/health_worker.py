@@ -2,7 +2,8 @@
 
 ``syncs ROOT OUT``: the real training loop (as loop_worker.py: DeepSpeed engine, global-batch BN,
 a preemption handler, bf16 autocast) with health metrics on, for epochs of 2 and of 4 steps;
-reports the host reads each epoch made and the epoch's health metrics (a collective).
+reports the host reads each epoch made, the epoch's health metrics (a collective) and what the
+loop logged; the 4-step epoch again with ``health.log_steps`` (health every 2 steps).
 """
 import json
 import sys
@@ -24,7 +25,7 @@ from binaryduo.trainer.runtime.sync_batchnorm import synchronize_batchnorm
 from loop_worker import BATCH, _recipe
 
 
-def _epoch(recipe, ctx, steps: int) -> tuple[list[str], list[str], dict]:
+def _epoch(recipe, ctx, steps: int, log_steps: bool = False) -> tuple[list[str], list[str], dict]:
     torch.manual_seed(0)
     model = models.build("vgg7", "coupled", width_mult=0.25, num_classes=10, in_channels=1)
     if ctx.world_size > 1:
@@ -33,21 +34,23 @@ def _epoch(recipe, ctx, steps: int) -> tuple[list[str], list[str], dict]:
                     ctx)
     engine = make_engine(model, recipe.stages[0], recipe, ctx=ctx,
                          per_rank_batch=feed.per_rank_batch)
-    health = StageHealth(HealthSection(), engine.module, ctx)
+    health = StageHealth(HealthSection(log_steps=log_steps), engine.module, ctx)
+    logged = []
     health.epoch_started()
     preemption = Preemption()
     try:
         with count_host_syncs(ctx.device) as reads:
             sums = train_epoch(engine, feed.train(seed=5, epoch=0), ctx=ctx,
                                dtype=torch.bfloat16, lr_at=lambda _: 0.01, first_step=0,
-                               log_every=2, on_log=lambda *_: None, stop=preemption,
+                               log_every=2, on_log=lambda step, m: logged.append((step, m)),
+                               stop=preemption,
                                health=health)
         with count_host_syncs(ctx.device) as epoch_end:
             metrics = health.epoch_metrics()
     finally:
         preemption.restore()
     assert sums.steps == steps, sums
-    return reads.calls, epoch_end.calls, metrics
+    return reads.calls, epoch_end.calls, metrics, logged
 
 
 def syncs(root: str, out: str) -> None:
@@ -55,10 +58,11 @@ def syncs(root: str, out: str) -> None:
     try:
         recipe = _recipe(root)
         result = {}
-        for steps in (2, 4):
-            step_reads, end_reads, metrics = _epoch(recipe, ctx, steps)
-            result[str(steps)] = {"reads": step_reads, "epoch_end": end_reads,
-                                  "metrics": metrics}
+        for steps, log_steps in ((2, False), (4, False), (4, True)):
+            step_reads, end_reads, metrics, logged = _epoch(recipe, ctx, steps, log_steps)
+            result[f"{steps}{'-logged' if log_steps else ''}"] = {
+                "reads": step_reads, "epoch_end": end_reads, "metrics": metrics,
+                "logged": logged}
         with open(f"{out}.{ctx.rank}.json", "w") as handle:
             json.dump(result, handle)
     finally:

@@ -19,13 +19,15 @@ WORKER = Path(__file__).with_name("health_worker.py")
 FINAL = (("coupled", "epoch-0002"), ("finetune", "epoch-0001"))
 
 
-def health_history(db: Path, run: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """stage -> health metric -> [(epoch, value)] from the run's MLflow record."""
+def health_history(db: Path, run: Path, prefix: str = "health/"
+                   ) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """stage -> health metric -> [(epoch, value)] from the run's MLflow record (``prefix``
+    ``health_steps/``: [(global step, value)])."""
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     ids = json.loads((run / "run_state.json").read_text())["stage_run_ids"]
     out = {}
     for stage, run_id in ids.items():
-        keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("health/")]
+        keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(prefix)]
         out[stage] = {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
                       for k in keys}
     return out
@@ -56,6 +58,19 @@ def test_health_metrics_are_in_the_record(tiny_straight_run):
                 total = sum(v[epoch][1] for k, v in history[stage].items()
                             if k.startswith(f"health/{name}/occupancy_"))
                 assert total == pytest.approx(1.0, abs=1e-12), (stage, name)
+    # every logging.every_steps (4; an epoch is 16 steps, a stage's steps count from 0): the
+    # epoch so far, which at the epoch's last step is the epoch's value
+    steps = health_history(tiny_straight_run.db, tiny_straight_run.run, "health_steps/")
+    assert {k.replace("health/", "health_steps/") for k in coupled} == steps["coupled"].keys()
+    for stage, epochs in (("coupled", 2), ("finetune", 1)):
+        for key, values in steps[stage].items():
+            assert [s for s, _ in values] == list(range(4, 16 * epochs + 1, 4))
+            epoch_key = key.replace("health_steps/", "health/")
+            for epoch in range(epochs):
+                assert dict(values)[16 * (epoch + 1)] == \
+                    history[stage][epoch_key][epoch][1], (stage, key)
+    flips = dict(steps["coupled"]["health_steps/conv3/flip_ratio"])
+    assert flips[4] < flips[16]  # flips since the epoch's start accumulate within it
     # a learning network: some weights flip, not most; activations neither dead nor saturated
     for key, values in coupled.items():
         if key.endswith("/flip_ratio"):
@@ -94,8 +109,12 @@ def test_a_resumed_epoch_logs_the_same_health(tiny_straight_run, run_binaryduo, 
                                 env={"BINARYDUO_FAULT": fault})
         assert stopped.returncode == 75, stopped.stderr[-3000:]
     run_binaryduo("train", recipe, "--resume", "run", cwd=tmp_path)
-    resumed = health_history(tmp_path / "mlflow.db", tmp_path / "run")
-    straight = health_history(tiny_straight_run.db, tiny_straight_run.run)
+    for prefix in ("health/", "health_steps/"):
+        _same_health(health_history(tmp_path / "mlflow.db", tmp_path / "run", prefix),
+                     health_history(tiny_straight_run.db, tiny_straight_run.run, prefix))
+
+
+def _same_health(resumed, straight) -> None:
     assert resumed.keys() == straight.keys()
     for stage in straight:
         assert resumed[stage].keys() == straight[stage].keys(), stage
@@ -112,6 +131,13 @@ def test_health_reads_the_host_once_per_epoch_on_two_ranks(tmp_path, fashion_mni
         assert (len(long) - len(short)) / 2 == 1, (rank, short, long)  # the stop decision only
         assert len(short) - 2 == 1, (rank, short)                     # + the epoch's loss sum
         assert len(result["4"]["epoch_end"]) == 1, result["4"]["epoch_end"]  # one all-reduce
+        # health every 2 steps: one more all-reduce and host read per logging step, no other
+        logged = result["4-logged"]
+        assert len(logged["reads"]) == len(long) + 2, (rank, long, logged["reads"])
+        assert [s for s, _ in logged["logged"]] == [2, 4]
+        assert logged["logged"][1][1]["health_steps/conv2/alpha"] == \
+            logged["metrics"]["health/conv2/alpha"]
+        assert not any(k.startswith("health") for _, m in result["4"]["logged"] for k in m)
     for steps in ("2", "4"):
         metrics = [r[steps]["metrics"] for r in ranks]
         assert metrics[0] and metrics[0] == metrics[1], steps  # globally reduced, on every rank

@@ -284,8 +284,8 @@ class LoggingSection(_Strict):
     #: ``mlflow.pytorch.load_model``, listed in the Models view, registrable with
     #: ``binaryduo train --register NAME``); false: only the state-dict artifact ``model/``.
     log_models: bool = True
-    #: CPU, memory, disk and network (and GPU utilisation and memory where a GPU and
-    #: ``nvidia-ml-py`` are present), sampled by rank 0 and logged as MLflow's system metrics
+    #: CPU, memory, disk and network (and per GPU utilisation, memory and power where an NVIDIA
+    #: driver answers NVML), sampled by rank 0 and logged as MLflow's system metrics
     #: (``system/...``, the run's "System metrics" tab) to the parent run and to the stage run
     #: that is training (binaryduo.trainer.tracking.system_metrics).
     system_metrics: bool = True
@@ -324,6 +324,10 @@ class HealthSection(_Strict):
     #: Per-step statistics (activations, per-step flips, gradient norms) on every N-th global
     #: step only: 1 = every step; more = less overhead, fewer samples.
     sample_every_steps: int = Field(default=1, gt=0)
+    #: Also log the epoch's values so far every ``logging.every_steps`` steps, as
+    #: ``health_steps/<layer>/<metric>`` at the global step (one all-reduce and one host read
+    #: each time; the per-epoch ``health/...`` values are logged either way).
+    log_steps: bool = True
 
 
 def _no_fp16(value: Any) -> Any:

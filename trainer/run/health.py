@@ -5,7 +5,8 @@ one stage's engine module: the loop calls ``step_started`` / ``after_backward`` 
 (no host read among them), the runner calls ``epoch_started`` before an epoch's pass (restoring
 a mid-epoch checkpoint's sums), ``epoch_metrics`` after it (one all-reduce of one packed float64
 tensor, on every rank: activation counts add up over ranks, the replicated weights' statistics
-are the same on every rank) and ``checkpoint_state`` when a preemption stops an epoch mid-way.
+are the same on every rank), ``step_metrics`` at the loop's logging steps (the same, under
+``health_steps/``) and ``checkpoint_state`` when a preemption stops an epoch mid-way.
 
 A mid-epoch checkpoint holds every rank's sums and the flip reference (the signs of the weights
 at the epoch's start, 8 a byte), so the resumed epoch logs what an uninterrupted one would. An
@@ -23,6 +24,10 @@ from binaryduo.trainer.runtime.distributed import (DistributedContext, all_gathe
                                                    all_reduce_sum)
 
 
+#: Key prefix of the values logged every ``logging.every_steps`` (the per-epoch ones: ``health/``).
+STEP_PREFIX = "health_steps/"
+
+
 class StageHealth:
     """Health of one stage's training (a no-op when ``section`` is off; see the module
     docstring)."""
@@ -30,6 +35,7 @@ class StageHealth:
     def __init__(self, section: HealthSection | None, module, ctx: DistributedContext | None):
         self.ctx = ctx
         self.probe = None
+        self.log_steps = section is not None and section.log_steps
         if section is not None and section.enabled:
             self.probe = HealthProbe(module, section.metrics, section.sample_every_steps)
 
@@ -53,6 +59,16 @@ class StageHealth:
             return {}
         totals = all_reduce_sum(self.probe.totals(), self.ctx.device)
         return self.probe.summarize(totals, self.ctx.world_size)
+
+    def step_metrics(self) -> dict[str, float]:
+        """The epoch so far as ``health_steps/<layer>/<metric>`` (a collective, called by every
+        rank at the same logging step; nothing when ``health.log_steps`` is off). Running values
+        since the epoch's start, not a window: a resumed epoch restores the sums, so it logs what
+        an uninterrupted one would."""
+        if self.probe is None or not self.log_steps:
+            return {}
+        return {STEP_PREFIX + key.removeprefix("health/"): value
+                for key, value in self.epoch_metrics().items()}
 
     def checkpoint_state(self) -> dict[str, Any] | None:
         """What a mid-epoch checkpoint keeps (a collective: every rank's sums)."""

@@ -210,7 +210,8 @@ def train_epoch(engine, loader: Iterable, *, ctx: DistributedContext, dtype: tor
                 img_s=f"{(sums.images - images_before) * ctx.world_size / max(elapsed, 1e-9):.0f}",
                 refresh=False)
         if log_every and step % log_every == 0:
-            on_log(step, {"train_loss_step": verdict.mean_loss, "lr": sums.lr})
+            on_log(step, {"train_loss_step": verdict.mean_loss, "lr": sums.lr,
+                          **health.step_metrics()})  # a collective: every rank logs here
         fetch_started = time.perf_counter()
         if verdict.stop_code:
             stop.agree(verdict.stop_code)
