@@ -222,3 +222,26 @@ def test_latest_running_runs_and_dataset_names(tmp_path, compare):
     row = next(line for line in markdown.splitlines() if "bnn (bnn)" in line)
     assert "| 2/5 |" in row and "8 x NVIDIA H100 80GB HBM3" in row
     assert "0123456789ab |" in row and "(running)" in row
+
+
+def test_a_stage_with_its_own_weight_bits_is_its_own_w_bits(tmp_path, compare):
+    """Two-step weights and an FP teacher stage: each row's W bits is its stage's ``weight_bits``
+    (logged as the stage run's ``stage.weight_bits``), the model's where the stage has none."""
+    from binaryduo.trainer.tracking.tracker import Tracker
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "binaryduo", enabled=True)
+    tags = {"recipe": "fashion_mnist_vgg7_binaryduo_kd", "smoke": "false"}
+    parent = tracker.start_run("fashion_mnist_vgg7_binaryduo_kd", tags=tags)
+    tracker.log_params(parent, {"model.name": "vgg7", "model.options.weight_bits": "1"})
+    for index, (name, variant, bits) in enumerate((("teacher", "fp", "32"),
+                                                   ("coupled", "coupled", "None"))):
+        stage = tracker.start_run(name, parent=parent, tags={**tags, "stage": name,
+                                                             "variant": variant})
+        tracker.log_params(stage, {"stage_index": index, "stage.epochs": 1,
+                                   "stage.weight_bits": bits})
+        tracker.log_metrics(stage, {"val_top1": 50.0 + index}, step=1)
+        tracker.finish(stage)
+    tracker.finish(parent)
+    rows = json.loads(compare(uri, "--format", "json", "--no-paper", cwd=tmp_path).stdout)
+    assert {r["stage"]: r["weight_bits"] for r in rows} == {"teacher (fp)": 32,
+                                                            "coupled (coupled)": 1}

@@ -241,7 +241,10 @@ def rows_of(record: RunRecord, client=None, now: float | None = None) -> list[Ro
     for stage in record.stages:
         metrics, stage_tags = stage.data.metrics, stage.data.tags
         variant = stage_tags.get("variant", "")
-        bits = _int(params.get("model.options.weight_bits"))
+        # the stage's own weight_bits (two-step weights, an FP teacher stage), else the model's
+        bits = _int(stage.data.params.get("stage.weight_bits"))
+        if bits is None:
+            bits = _int(params.get("model.options.weight_bits"))
         if bits is None:
             bits = 32 if variant == "fp" else 1  # the registry's default
         history = record.histories.get(stage.info.run_id, [])
