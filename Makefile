@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo study test test-fast bench clean screenshots
+.PHONY: install demo study study-kd test test-fast bench clean screenshots
 
 install: $(STAMP)
 
@@ -62,6 +62,16 @@ study: install
 	  --sweep runs/study/binary-weights --baseline fashion_mnist_vgg7_bnn
 	$(VENV)/bin/binaryduo compare --by-seed --tracking-uri $(STUDY_DB) --no-paper \
 	  --sweep runs/study/fp-weights --baseline fashion_mnist_vgg7_bnn_fp_weights
+
+# The distillation study behind the README's "Small-scale evidence" (issue 18): the demo's
+# BinaryDuo against its KD twin (an FP VGG-7 teacher trained first in the same run), seeds 0-2,
+# at equal student budget (6 runs; each KD run costs about twice a plain one).
+study-kd: install
+	$(VENV)/bin/binaryduo sweep recipes/demo/fashion_mnist_vgg7_binaryduo.yaml \
+	  recipes/studies/fashion_mnist_vgg7_binaryduo_kd.yaml --seeds $(STUDY_SEEDS) \
+	  --output runs/study/kd --tracking-uri $(STUDY_DB)
+	$(VENV)/bin/binaryduo compare --by-seed --tracking-uri $(STUDY_DB) --no-paper \
+	  --sweep runs/study/kd --baseline fashion_mnist_vgg7_binaryduo
 
 bench: install
 	$(PY) benchmarks/quantizer_overhead.py
