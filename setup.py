@@ -33,6 +33,10 @@ INSTALL_REQUIRES = [
     # the inference engine of exported binary networks: its CPU plugin runs BinaryConvolution as a
     # bit-packed xnor-popcount kernel (docs/dependencies.md); installs beside torch's numpy 2.4
     "openvino==2026.4.1",
+    # NVML's Python binding (pure Python, ~50 kB): MLflow's GPU collector reads utilisation,
+    # memory and power of every GPU of rank 0's node through it (system metrics); where no NVIDIA
+    # driver answers, the GPU collector is skipped (trainer/tracking/system_metrics.py)
+    "nvidia-ml-py>=12",
     "scipy>=1.10",  # Student t quantiles / p-values of `compare --by-seed --baseline` (also an
     # mlflow dependency, 1.17 installed; named because binaryduo now imports it itself)
 ]

@@ -111,3 +111,82 @@ def test_the_switch_is_a_later_key_leaving_old_recipes_identity_alone(tiny_recip
     assert off.identity()["logging"]["system_metrics_interval_s"] == 30.0
     with pytest.raises(ValueError):
         recipe(tiny_recipe_text, system_metrics_interval_s=0.1)
+
+
+def test_no_nvidia_driver_here_means_no_gpu_collector_and_one_note(capsys):
+    """nvidia-ml-py is a dependency; on this CPU machine NVML cannot start (no driver), so the
+    collectors are CPU, disk and network, and a run that expected a GPU says why in one line."""
+    import pynvml  # noqa: F401  (installed with binaryduo)
+
+    from binaryduo.trainer.tracking.system_metrics import default_monitors
+    try:
+        pynvml.nvmlInit()
+        pytest.skip("an NVIDIA driver answers here")
+    except pynvml.NVMLError:
+        pass
+    names = [type(m).__name__ for m in default_monitors(gpu_expected=True)]
+    assert names == ["CPUMonitor", "DiskMonitor", "NetworkMonitor"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no GPU system metrics" in err and "NVIDIA: " in err
+
+
+class StandInNVML:
+    """NVML as the ``pynvml`` module answers on a node with two GPUs (this machine has none): the
+    calls MLflow's GPUMonitor makes, with fixed readings."""
+
+    class NVMLError(Exception):
+        pass
+
+    class Memory:
+        used, total = 30e9, 80e9
+
+    class Utilization:
+        gpu = 87
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return self.Memory()
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return self.Utilization()
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 350_000 + 1000 * handle  # milliwatts
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
+        return 700_000
+
+
+def test_gpu_readings_reach_the_run_under_mlflow_names(tracker, monkeypatch):
+    """With NVML answering (a stand-in: no GPU here), default_monitors adds MLflow's own
+    GPUMonitor and its readings of every GPU go to the run through the journal, averaged."""
+    import sys
+
+    from mlflow.system_metrics.metrics import gpu_monitor
+
+    from binaryduo.trainer.tracking.system_metrics import default_monitors
+    nvml = StandInNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(gpu_monitor, "pynvml", nvml, raising=False)
+    monitors = default_monitors(gpu_expected=True)
+    assert [type(m).__name__ for m in monitors][-1] == "GPUMonitor"
+    run = tracker.start_run("recipe")
+    sampler = SystemMetrics(tracker, 0.2, monitors=monitors)
+    with sampler.sampling(run):
+        time.sleep(0.3)
+    assert sampler.failure is None
+    metrics = system_points(tracker, run)[-1]["metrics"]
+    for gpu in (0, 1):
+        assert metrics[f"{PREFIX}gpu_{gpu}_utilization_percentage"] == 87
+        assert metrics[f"{PREFIX}gpu_{gpu}_memory_usage_megabytes"] == 30e3
+        assert metrics[f"{PREFIX}gpu_{gpu}_memory_usage_percentage"] == 37.5
+        assert metrics[f"{PREFIX}gpu_{gpu}_power_usage_watts"] == 350 + gpu
+    assert PREFIX + "cpu_utilization_percentage" in metrics

@@ -6,8 +6,8 @@ MLflow's own names (``system/cpu_utilization_percentage``, ``system/system_memor
 MLflow's ``SystemMetricsMonitor`` (``log_system_metrics=True``) sends from its thread straight to
 the server: it needs a real run id, loses its records while the server is away and cannot work
 ``--offline``. Its collectors are reused here (``mlflow.system_metrics.metrics``: ``CPUMonitor``,
-``DiskMonitor``, ``NetworkMonitor``, and ``GPUMonitor`` when ``nvidia-ml-py`` is installed and a
-GPU answers, else ``ROCMMonitor`` for AMD); their averages go through the journal like every
+``DiskMonitor``, ``NetworkMonitor``, and ``GPUMonitor`` when NVML answers (``nvidia-ml-py``, a
+dependency, and an NVIDIA driver), else ``ROCMMonitor`` for AMD); their averages go through the journal like every
 other record (placeholder run ids, outage, replay).
 
 - **Where**: every point to the parent run (the whole job, one continuous series) and, while a
@@ -65,8 +65,7 @@ def default_monitors(gpu_expected: bool = False) -> list:
         except Exception as rocm_error:  # noqa: BLE001
             problems.append(f"AMD: {type(rocm_error).__name__}: {rocm_error}")
             if gpu_expected:
-                _say(f"binaryduo: note: no GPU system metrics (pip install nvidia-ml-py for "
-                     f"NVIDIA GPUs; {'; '.join(problems)})")
+                _say(f"binaryduo: note: no GPU system metrics ({'; '.join(problems)})")
     return monitors
 
 
