@@ -178,14 +178,16 @@ def _teacher_problems(recipe: Recipe, index: int, *, check_paths: bool,
     if not path.is_file():
         return [(loc + ("checkpoint",), f"checkpoint {teacher.checkpoint} does not exist" if
                  not path.exists() else f"checkpoint {teacher.checkpoint} is not a file")]
-    import torch
+    from binaryduo.models.weights_file import (UnreadableWeightsError, UntrustedWeightsError,
+                                               load_weights)
 
-    try:  # the safe loader's rule (trainer/run/checkpoint.load_model_state): no code runs
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    try:  # the safe loader of every weights file: no code runs
+        weights = load_weights(path)
+    except (UnreadableWeightsError, UntrustedWeightsError) as error:
+        why = "loading it would run code" if isinstance(error, UntrustedWeightsError) else \
+            "it is unreadable"
         return [(loc + ("checkpoint",), f"{teacher.checkpoint} is not a plain weights file "
-                                        f"(refused: loading it would run code, or it is "
-                                        f"unreadable): {type(error).__name__}")]
+                                        f"(refused: {why})")]
     try:
         build_teacher_model(recipe, teacher).load_state_dict(weights)
     except Exception as error:  # e.g. another class count, another architecture

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -39,6 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from binaryduo.models.weights_file import (UnreadableWeightsError, UntrustedWeightsError,
+                                           load_weights)
 from binaryduo.trainer.runtime.faults import NO_FAULTS, FaultHooks
 from binaryduo.trainer.runtime.distributed import any_rank
 
@@ -52,12 +53,11 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
 
 
-class CheckpointCorruptError(RuntimeError):
-    """A checkpoint file is truncated, corrupt or missing where it is needed."""
-
-
-class UntrustedCheckpointError(RuntimeError):
-    """A checkpoint file holds objects that loading would execute (not plain tensors/containers)."""
+#: A checkpoint file is truncated, corrupt or missing where it is needed (the safe loader's
+#: refusal of an unreadable file is one).
+CheckpointCorruptError = UnreadableWeightsError
+#: A checkpoint file holds objects that loading would execute (the safe loader's refusal).
+UntrustedCheckpointError = UntrustedWeightsError
 
 
 def _attempt(action) -> BaseException | None:
@@ -119,28 +119,13 @@ def verify_checksums(directory: Path) -> str | None:
     return None
 
 
-def _load_refusal(path: Path, error: Exception) -> RuntimeError:
-    """The one-line reason ``torch.load(weights_only=True)`` refused ``path``."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    culprit = next((line for line in lines if "GLOBAL" in line or "global" in line), None)
-    if isinstance(error, pickle.UnpicklingError) and culprit:
-        return UntrustedCheckpointError(
-            f"{path}: refusing to load: it holds objects that loading would execute, not only "
-            f"tensors ({culprit.rstrip('.')})")
-    reason = lines[0].split(". ")[0] if lines else type(error).__name__
-    return CheckpointCorruptError(f"{path}: unreadable ({reason}; truncated or corrupt?)")
-
-
 def scan_untrusted(directory: Path) -> None:
     """Opens every ``.pt`` file under ``directory`` with ``weights_only=True``; raises
     :class:`UntrustedCheckpointError` naming the file if any needs more (code execution), or
     :class:`CheckpointCorruptError` if one cannot be read at all."""
     with torch.serialization.safe_globals(_deepspeed_data_classes()):
         for path in sorted(directory.rglob("*.pt")):
-            try:
-                torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:  # UnpicklingError: what would have run, had it been allowed
-                raise _load_refusal(path, error) from None
+            load_weights(path)  # the safe loader, with DeepSpeed's data classes allowed
 
 
 def _deepspeed_data_classes() -> list:
@@ -385,13 +370,7 @@ class StageCheckpoints:
         return client_state
 
 
-def load_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """A portable model file, loaded without executing code (``weights_only=True``); a file that
-    holds anything else is refused (:class:`UntrustedCheckpointError`), an unreadable one
-    reported (:class:`CheckpointCorruptError`)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise _load_refusal(path, error) from None
+#: A portable model file, loaded without executing code (``weights_only=True``): the one safe
+#: loader of every weights file (binaryduo.models.weights_file), whose refusals are
+#: :class:`UntrustedCheckpointError` (code) and ``UnreadableWeightsError`` (corrupt).
+load_model_state = load_weights

@@ -28,7 +28,7 @@ import torch
 from binaryduo import models
 from binaryduo.trainer.analysis.health_report import plot_health, read_health
 from binaryduo.trainer.recipe import Recipe, StageSection
-from binaryduo.trainer.run.checkpoint import StageCheckpoints, atomic_write_text
+from binaryduo.trainer.run.checkpoint import StageCheckpoints, atomic_write_text, load_model_state
 from binaryduo.trainer.run.deepspeed_engine import make_engine
 from binaryduo.trainer.run.distill import Distiller, make_distiller
 from binaryduo.trainer.run.health import NO_HEALTH, StageHealth
@@ -360,8 +360,7 @@ class StageRunner:
         from binaryduo.trainer.tracking.models import MODELS_DIR, save_stage_model
 
         model = build_stage_model(self.recipe, stage.spec)  # plain module: no engine, no compile
-        model.load_state_dict(torch.load(stage.checkpoints.model_file("last"), map_location="cpu",
-                                         weights_only=True))
+        model.load_state_dict(load_model_state(stage.checkpoints.model_file("last")))
         config = model.config
         metadata = {"stage": stage.name, "variant": stage.spec.variant,
                     "recipe": self.recipe.name, "recipe_hash": self.recipe_hash,
