@@ -85,7 +85,8 @@ bench: install
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Screenshots of the MLflow UI for the README (docs/mlflow_runs.png, docs/mlflow_run_metrics.png):
+# Screenshots of the MLflow UI for the README (docs/mlflow_runs.png, mlflow_run_metrics.png and
+# mlflow_system_metrics.png):
 # `mlflow server` on a copy of the demo's store (SCREENSHOT_DB, default ./mlflow.db of `make demo`),
 # pictures by headless Chromium (apt-get install chromium). Not part of CI.
 SCREENSHOT_DB ?= mlflow.db
