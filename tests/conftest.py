@@ -294,6 +294,20 @@ def tiny_zero1_bf16_smoke(tmp_path_factory, fashion_mnist) -> SharedRun:
                        "--set", "deepspeed.zero_stage=1", "--set", "precision=bf16")
 
 
+@pytest.fixture
+def mlflow_global_uri(monkeypatch):
+    """``use(uri)`` points mlflow's process-wide tracking URI (what ``mlflow.pytorch.load_model``
+    and ``mlflow.pyfunc.load_model`` read) at a store for one test, and clears it afterwards.
+    ``mlflow.set_tracking_uri`` outlives the test otherwise and wins over ``MLFLOW_TRACKING_URI``
+    in every later test of the same worker (it also exports that variable into ``os.environ``,
+    which monkeypatch restores)."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield mlflow.set_tracking_uri
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture(scope="session")
 def run_binaryduo():
     """Runs the installed ``binaryduo`` command in a real process (the CPU/gloo path)."""

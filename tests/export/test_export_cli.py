@@ -25,7 +25,8 @@ def binary_run(tmp_path_factory, fashion_mnist, tiny_recipe_text, run_binaryduo)
     return root
 
 
-def test_a_run_exports_verified_and_logged_and_serves(binary_run, run_binaryduo):
+def test_a_run_exports_verified_and_logged_and_serves(binary_run, run_binaryduo,
+                                                      mlflow_global_uri):
     result = run_binaryduo("export", "run", "--verify", "all", cwd=binary_run)  # 10,000 images
     output = binary_run / "run" / "export" / "finetune-openvino"
     report = json.loads((output / "export_report.json").read_text())
@@ -54,7 +55,7 @@ def test_a_run_exports_verified_and_logged_and_serves(binary_run, run_binaryduo)
     # model (any batch size: the IR is reshaped per request)
     import mlflow.pyfunc
 
-    mlflow.set_tracking_uri(f"sqlite:///{binary_run / 'mlflow.db'}")
+    mlflow_global_uri(f"sqlite:///{binary_run / 'mlflow.db'}")
     served = mlflow.pyfunc.load_model(f"runs:/{stage_run.info.run_id}/binary_model")
     images = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(5))
     logits = served.predict(images.numpy())

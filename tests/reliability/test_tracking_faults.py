@@ -452,7 +452,8 @@ def test_a_crafted_journal_cannot_upload_or_delete_files_outside_the_run(tmp_pat
     assert not MlflowClient(tracking_uri=uri).list_artifacts(real)
 
 
-def test_a_model_logged_and_registered_while_away_is_delivered_once(tmp_path, monkeypatch):
+def test_a_model_logged_and_registered_while_away_is_delivered_once(tmp_path,
+                                                                   mlflow_global_uri):
     """``log_model`` / ``register_model`` records of an offline run: replay makes one logged
     model (READY, linked to the run, loadable) and one registered version; replaying again with
     every acknowledgement lost, or after a delivery cut short (a PENDING model without
@@ -497,7 +498,7 @@ def test_a_model_logged_and_registered_while_away_is_delivered_once(tmp_path, mo
         versions = client.search_model_versions("name = 'tiny-bnn'")
         assert [(int(v.version), v.source) for v in versions] == [
             (1, f"models:/{logged[0].model_id}")]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow_global_uri(uri)
     loaded = mlflow.pytorch.load_model(f"models:/{logged[0].model_id}", dst_path=str(tmp_path))
     images = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -47,13 +47,13 @@ def test_every_run_has_its_training_and_validation_datasets(tiny_straight_run, f
 
 @pytest.mark.slow
 def test_stage_models_are_logged_models_that_load_back_bit_for_bit(tiny_straight_run,
-                                                                  monkeypatch, tmp_path):
+                                                                  mlflow_global_uri, tmp_path):
     import mlflow.pytorch
     from binaryduo import models
     from mlflow.entities import LoggedModelStatus
 
     client, experiment = _store(tiny_straight_run)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tiny_straight_run.db}")
+    mlflow_global_uri(f"sqlite:///{tiny_straight_run.db}")
     stages = {r.data.tags["stage"]: r for r in client.search_runs([experiment])
               if "stage" in r.data.tags}
     logged = client.search_logged_models([experiment])
