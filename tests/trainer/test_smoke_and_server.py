@@ -64,6 +64,13 @@ def test_smoke_every_recipe(recipe, precision, smoke_store, smoke_stage_computes
                              distilled=stage.data.tags["stage"] in distilled)
         if stage.data.tags["stage"] in distilled:  # the teacher's cost is in the record
             assert 0 < stage.data.metrics["distill_teacher_fraction"] < 1
+        # health metrics (docs/health.md) in every stage with quantized activations
+        health = {k: v for k, v in stage.data.metrics.items() if k.startswith("health/")}
+        if stage.data.tags["variant"] != "fp":
+            coverage = [v for k, v in health.items() if k.endswith("/ste_coverage")]
+            assert coverage and all(0.0 <= v <= 1.0 for v in coverage), stage.data.tags
+        assert all(0.0 <= v <= 1.0 for k, v in health.items()
+                   if k.endswith(("/ste_coverage", "/flip_ratio")) or "/occupancy_" in k)
 
 
 def test_the_demo_exports_its_binaryduo_network_verified_on_the_whole_test_set(smoke_store):
