@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo study study-kd test test-fast bench clean screenshots
+.PHONY: install demo study study-kd study-finetune-lr test test-fast bench clean screenshots
 
 install: $(STAMP)
 
@@ -72,6 +72,15 @@ study-kd: install
 	  --output runs/study/kd --tracking-uri $(STUDY_DB)
 	$(VENV)/bin/binaryduo compare --by-seed --tracking-uri $(STUDY_DB) --no-paper \
 	  --sweep runs/study/kd --baseline fashion_mnist_vgg7_binaryduo
+
+# The fine-tune LR study (README, seed study, "Fine-tune LR"): the demo's BinaryDuo (fine-tune from LR
+# 0.1, the authors' setting) against the same recipe fine-tuned from LR 0.01, seeds 0-2.
+study-finetune-lr: install
+	$(VENV)/bin/binaryduo sweep recipes/demo/fashion_mnist_vgg7_binaryduo.yaml \
+	  recipes/studies/fashion_mnist_vgg7_binaryduo_finetune_lr001.yaml --seeds $(STUDY_SEEDS) \
+	  --output runs/study/finetune-lr --tracking-uri $(STUDY_DB)
+	$(VENV)/bin/binaryduo compare --by-seed --tracking-uri $(STUDY_DB) --no-paper \
+	  --sweep runs/study/finetune-lr --baseline fashion_mnist_vgg7_binaryduo
 
 bench: install
 	$(PY) benchmarks/quantizer_overhead.py
