@@ -42,8 +42,9 @@ import torch.nn.functional as F
 
 from binaryduo import models
 from binaryduo.models.health import HealthProbe
-# the same timing helpers as the quantizer benchmark (benchmarks/ is on sys.path when run)
-from quantizer_overhead import _load, _relative_iqr, _sync
+# the timing helpers and the --models/--variants check of the quantizer benchmark (benchmarks/
+# is on sys.path when run)
+from quantizer_overhead import _load, _relative_iqr, _sync, selection
 
 TARGET = 1.03
 VARIANTS = ("bnn", "coupled", "decoupled")
@@ -182,14 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.models, args.variants, args.batch, args.steps, args.warmup = \
             "vgg7", "coupled", 8, 3, 1
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for n in names:
-        if n not in SETUPS:
-            parser.error(f"unknown model {n!r}; choose from {', '.join(SETUPS)}")
-    for v in variants:
-        if v not in VARIANTS:
-            parser.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    names, variants = selection(parser, args, SETUPS, VARIANTS)
     if args.steps < 1 or args.warmup < 0 or args.sample_every < 1 or \
             (args.batch is not None and args.batch < 1):
         parser.error("--steps, --batch and --sample-every must be >= 1, --warmup >= 0")

@@ -300,6 +300,21 @@ def _load() -> str:
     return f"{one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
+def selection(parser: argparse.ArgumentParser, args: argparse.Namespace, setups,
+              known_variants) -> tuple[list[str], list[str]]:
+    """``--models`` and ``--variants`` as lists, each name checked (``parser.error`` names an
+    unknown one and its choices); shared with health_overhead.py."""
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for n in names:
+        if n not in setups:
+            parser.error(f"unknown model {n!r}; choose from {', '.join(setups)}")
+    for v in variants:
+        if v not in known_variants:
+            parser.error(f"unknown variant {v!r}; choose from {', '.join(known_variants)}")
+    return names, variants
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
@@ -318,14 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for n in names:
-        if n not in SETUPS:
-            parser.error(f"unknown model {n!r}; choose from {', '.join(SETUPS)}")
-    for v in variants:
-        if v not in VARIANTS:
-            parser.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    names, variants = selection(parser, args, SETUPS, VARIANTS)
     if args.steps < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 1):
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
     if args.threads:

@@ -33,7 +33,9 @@ def _recipe(root: str) -> Recipe:
                     "optimizer": {"lr": 0.01}}]})
 
 
-def _epoch_reads(recipe: Recipe, ctx, dtype: torch.dtype, steps: int) -> list[str]:
+def tiny_engine(recipe: Recipe, ctx, steps: int):
+    """(DeepSpeed engine, its data feed) of the tiny coupled VGG-7 for an epoch of ``steps``
+    steps, seeded, with global-batch BN over the ranks (health_worker.py uses it too)."""
     torch.manual_seed(0)
     model = models.build("vgg7", "coupled", width_mult=0.25, num_classes=10, in_channels=1)
     if ctx.world_size > 1:
@@ -42,6 +44,11 @@ def _epoch_reads(recipe: Recipe, ctx, dtype: torch.dtype, steps: int) -> list[st
                     ctx)
     engine = make_engine(model, recipe.stages[0], recipe, ctx=ctx,
                          per_rank_batch=feed.per_rank_batch)
+    return engine, feed
+
+
+def _epoch_reads(recipe: Recipe, ctx, dtype: torch.dtype, steps: int) -> list[str]:
+    engine, feed = tiny_engine(recipe, ctx, steps)
     loader = feed.train(seed=5, epoch=0)
     preemption = Preemption()
     try:

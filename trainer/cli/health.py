@@ -14,7 +14,6 @@ Metric names and healthy values: docs/health.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,13 +24,14 @@ def _run_records(run_dir: Path, uri: str | None) -> tuple[str, str | None, list[
     """(tracking URI, parent run id, [(stage, run id)] in stage order) of ``run_dir``."""
     import yaml
 
+    from binaryduo.trainer.run.state import RUN_STATE, RunState
     from binaryduo.trainer.tracking.journal import Journal
 
-    state_path, recipe_path = run_dir / "run_state.json", run_dir / "recipe.resolved.yaml"
-    if not state_path.is_file() or not recipe_path.is_file():
+    recipe_path = run_dir / "recipe.resolved.yaml"
+    if not (run_dir / RUN_STATE).is_file() or not recipe_path.is_file():
         raise UsageError(f"{run_dir}: not a run directory of `binaryduo train` (no "
-                         f"run_state.json / recipe.resolved.yaml)")
-    state = json.loads(state_path.read_text())
+                         f"{RUN_STATE} / recipe.resolved.yaml)")
+    state = RunState.load(run_dir)
     journal = Journal(run_dir) if Journal.exists(run_dir) else None
     if uri is None:
         uri = ((journal.last_session() or {}).get("uri") if journal else None)
@@ -39,11 +39,11 @@ def _run_records(run_dir: Path, uri: str | None) -> tuple[str, str | None, list[
         raise UsageError(f"{run_dir}: its journal names no tracking URI; pass --tracking-uri")
     real = (lambda run_id: journal.run_ids.get(run_id, run_id)) if journal else (lambda r: r)
     order = [s["name"] for s in yaml.safe_load(recipe_path.read_text()).get("stages", [])]
-    ids = state.get("stage_run_ids") or {}
+    ids = state.stage_run_ids
     stages = [(name, real(ids[name])) for name in order if name in ids]
     if not stages:
         raise UsageError(f"{run_dir}: no stage has an MLflow run yet")
-    parent = state.get("parent_run_id")
+    parent = state.parent_run_id
     return uri, real(parent) if parent else None, stages
 
 

@@ -40,8 +40,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1 - weight) * ce + weight * temperature ** 2 * kl
 
 
-def teacher_checkpoint(recipe: Recipe, teacher: TeacherSection,
-                       output_dir: Path) -> tuple[Path, float | None]:
+def teacher_checkpoint(teacher: TeacherSection, output_dir: Path) -> tuple[Path, float | None]:
     """The teacher's model file and, for a stage of this run, its validation top-1."""
     if teacher.stage is None:
         return Path(teacher.checkpoint), None
@@ -52,12 +51,9 @@ def teacher_checkpoint(recipe: Recipe, teacher: TeacherSection,
     return source.verified_model_file(teacher.checkpoint_tag), chosen["top1"]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 @dataclass
@@ -106,13 +102,13 @@ class Distiller:
 def make_distiller(recipe: Recipe, spec: DistillSection, *, output_dir: Path,
                    device: torch.device, dtype: torch.dtype) -> Distiller:
     teacher = build_teacher_model(recipe, spec.teacher)
-    path, top1 = teacher_checkpoint(recipe, spec.teacher, output_dir)
+    path, top1 = teacher_checkpoint(spec.teacher, output_dir)
     teacher.load_state_dict(load_model_state(path))
     teacher.to(device, memory_format=memory_format(device)).eval().requires_grad_(False)
     source = f"stage {spec.teacher.stage} ({spec.teacher.checkpoint_tag})" \
         if spec.teacher.stage is not None else f"{spec.teacher.model} ({spec.teacher.variant})"
     provenance = {"distill.teacher": source, "distill.teacher_checkpoint": str(path.resolve()),
-                  "distill.teacher_sha256": _sha256(path),
+                  "distill.teacher_sha256": _file_sha256(path),
                   "distill.teacher_top1": "unknown" if top1 is None else f"{top1:.4f}",
                   "distill.weight": str(spec.weight),
                   "distill.temperature": str(spec.temperature)}
